@@ -1,0 +1,210 @@
+"""The FastAPI shell: HTTP <-> ``FhirRequest``/``FhirResponse``. No FHIR logic lives here.
+
+``create_app(settings)`` builds the app; the store is opened (and, for the embedded SQLite
+default, migrated) when the app starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from urllib.parse import parse_qsl
+
+from gateway import __version__
+from gateway.errors import (
+    GatewayError,
+    Issue,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    outcome,
+)
+from gateway.fhir import formats
+from gateway.service.rest import FhirRequest, FhirResponse, FhirService
+from gateway.settings import Settings
+from gateway.store.policy import Context
+from gateway.store.repository import Store
+
+log = logging.getLogger("refgw.api")
+
+FHIR_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+
+
+def _base_url(settings: Settings, request: Request) -> str:
+    if settings.base_url:
+        return settings.base_url.rstrip("/")
+    return str(request.base_url).rstrip("/")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"The body is {declared} bytes; this server accepts at most "
+                              f"{limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"The body is larger than {limit} bytes, the most this "
+                                  "server accepts")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _render(resp_body: dict[str, Any] | None, fmt: str, pretty: bool) -> bytes:
+    if resp_body is None:
+        return b""
+    return formats.render(resp_body, fmt, pretty)
+
+
+def _error_response(err: GatewayError, fmt: str = formats.JSON, pretty: bool = False) -> Response:
+    try:
+        content = formats.render(err.to_outcome(), fmt, pretty)
+    except Exception:  # rendering must never turn an error into a 500
+        fmt, content = formats.JSON, formats.render(err.to_outcome(), formats.JSON)
+    return Response(content, status_code=err.status_code, headers=err.headers,
+                    media_type=formats.content_type(fmt))
+
+
+def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
+    """The refgw HTTP application. Pass ``store`` to share one with the caller (tests, CLI)."""
+    settings = settings or Settings()
+    own_store = store is None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nonlocal store
+        if store is None:
+            store = Store(settings.database_url, pool_size=settings.db_pool_size,
+                          default_page_size=settings.default_page_size,
+                          max_page_size=settings.max_page_size)
+        app.state.store = store
+        app.state.service = FhirService(store, max_bundle_entries=settings.max_bundle_entries)
+        yield
+        if own_store:
+            store.dispose()
+
+    app = FastAPI(title="refgw", version=__version__, lifespan=lifespan,
+                  description="Referral interoperability gateway (FHIR R4 Coordination "
+                              "Platform). FHIR endpoints follow the FHIR RESTful API.")
+    app.state.settings = settings
+    if store is not None:
+        app.state.store = store
+        app.state.service = FhirService(store, max_bundle_entries=settings.max_bundle_entries)
+
+    @app.middleware("http")
+    async def access_log(request: Request, call_next: Any) -> Response:
+        # Method, path and status only: query strings can carry names and birth dates (PHI).
+        start = time.perf_counter()
+        response = await call_next(request)
+        log.info("%s %s %d %.1fms", request.method, request.url.path, response.status_code,
+                 (time.perf_counter() - start) * 1000)
+        return response
+
+    async def fhir_endpoint(request: Request) -> Response:
+        """FHIR RESTful interaction (read, search, create, update, patch, delete, history,
+        batch/transaction)."""
+        params = list(parse_qsl(request.url.query, keep_blank_values=True))
+        fmt_param = next((v for k, v in params if k == "_format"), None)
+        pretty = next((v for k, v in params if k == "_pretty"), "false") == "true"
+        params = [(k, v) for k, v in params if k not in ("_format", "_pretty")]
+        try:
+            fmt = formats.response_format(request.headers.get("accept"), fmt_param)
+        except GatewayError as err:
+            return _error_response(err)
+        try:
+            body_bytes = b""
+            if request.method in ("POST", "PUT", "PATCH"):
+                body_bytes = await _read_body(request, settings.max_body_bytes)
+            path = request.url.path[len(request.scope.get("root_path", "")):]
+            body: Any = None
+            ctype = request.headers.get("content-type")
+            if request.method == "POST" and path.endswith("/_search"):
+                if body_bytes:
+                    if formats.media_type(ctype) != formats.FORM:
+                        raise UnsupportedMediaType(
+                            "POST _search takes application/x-www-form-urlencoded",
+                            "Content-Type")
+                    params += parse_qsl(body_bytes.decode("utf-8", "replace"),
+                                        keep_blank_values=True)
+            elif request.method == "PATCH":
+                mt = formats.media_type(ctype)
+                if mt not in (formats.JSON_PATCH, "application/json", ""):
+                    raise UnsupportedMediaType(
+                        f"PATCH takes a JSON Patch (application/json-patch+json), not {mt!r}",
+                        "Content-Type")
+                body = formats.parse_json(body_bytes)
+            elif request.method in ("POST", "PUT"):
+                body = formats.parse_body(body_bytes,
+                                          formats.body_format(ctype, body_bytes))
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            req = FhirRequest(request.method, path, params, headers, body)
+            ctx = Context(base_url=_base_url(settings, request))
+            service: FhirService = request.app.state.service
+            resp: FhirResponse = await run_in_threadpool(service.handle, req, ctx)
+        except GatewayError as err:
+            return _error_response(err, fmt, pretty)
+        content = b"" if request.method == "HEAD" else _render(resp.body, fmt, pretty)
+        media = formats.content_type(fmt) if resp.body is not None else None
+        return Response(content, status_code=resp.status, headers=resp.headers, media_type=media)
+
+    for path in ("/", "/metadata", "/_history", "/{rtype}", "/{rtype}/_search",
+                 "/{rtype}/_history", "/{rtype}/{rid}", "/{rtype}/{rid}/_history",
+                 "/{rtype}/{rid}/_history/{vid}"):
+        app.add_api_route(path, fhir_endpoint, methods=FHIR_METHODS, include_in_schema=True,
+                          name=f"fhir:{path}")
+
+    @app.get("/healthz", include_in_schema=True)
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=True)
+    async def readyz(request: Request) -> Response:
+        """Readiness: the database answers."""
+        try:
+            await run_in_threadpool(request.app.state.store.ping)
+        except Exception as exc:  # any database failure means "not ready"
+            log.warning("readiness check failed: %s", type(exc).__name__)
+            return Response(formats.render(outcome([Issue(
+                "error", "transient", "The database is not reachable")]), formats.JSON),
+                status_code=503, media_type=formats.content_type(formats.JSON))
+        return Response(b'{"status":"ready"}', media_type="application/json")
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(request: Request, exc: GatewayError) -> Response:
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 405:
+            return _error_response(MethodNotAllowed(
+                f"{request.method} is not allowed on {request.url.path}"))
+        if exc.status_code == 404:
+            return _error_response(NotFound(f"Nothing is served at {request.url.path}"))
+        err = GatewayError(str(exc.detail))
+        err.status_code = exc.status_code
+        return _error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        err = GatewayError(str(exc))
+        err.status_code = 400
+        return _error_response(err)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        err = GatewayError("The server hit an unexpected error; it has been logged.")
+        return _error_response(err)
+
+    return app

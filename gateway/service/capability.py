@@ -1,0 +1,59 @@
+"""The CapabilityStatement, generated from what the server actually registers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway import __version__
+from gateway.fhir.searchparams import COMMON, INCLUDES, SEARCH_PARAMS
+
+INTERACTIONS = ["read", "vread", "update", "patch", "delete", "history-instance",
+                "history-type", "create", "search-type"]
+
+
+def capability_statement(base_url: str, software_date: str) -> dict[str, Any]:
+    resources_ = []
+    for rtype in sorted(SEARCH_PARAMS):
+        params = [
+            {"name": p.name, "type": p.type, **({"documentation": p.doc} if p.doc else {})}
+            for p in list(COMMON.values()) + list(SEARCH_PARAMS[rtype].values())
+        ]
+        entry: dict[str, Any] = {
+            "type": rtype,
+            "interaction": [{"code": c} for c in INTERACTIONS],
+            "versioning": "versioned-update",
+            "readHistory": True,
+            "updateCreate": True,
+            "conditionalCreate": True,
+            "conditionalRead": "full-support",
+            "conditionalUpdate": True,
+            "conditionalDelete": "single",
+            "referencePolicy": ["literal", "logical"],
+            "searchParam": params,
+        }
+        includes = [f"{rtype}:{p}" for p in INCLUDES.get(rtype, ())]
+        if includes:
+            entry["searchInclude"] = includes
+        revs = [f"{src}:{p}" for src, ps in sorted(INCLUDES.items()) for p in ps
+                if src != rtype and p in ("focus", "based-on")]
+        if revs and rtype in ("ServiceRequest", "Task"):
+            entry["searchRevInclude"] = revs
+        resources_.append(entry)
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": software_date,
+        "publisher": "refgw",
+        "kind": "instance",
+        "software": {"name": "refgw", "version": __version__},
+        "implementation": {"description": "refgw referral gateway", "url": base_url},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "application/fhir+xml", "json", "xml"],
+        "patchFormat": ["application/json-patch+json"],
+        "rest": [{
+            "mode": "server",
+            "resource": resources_,
+            "interaction": [{"code": "transaction"}, {"code": "batch"},
+                            {"code": "history-system"}],
+        }],
+    }

@@ -1,0 +1,638 @@
+"""FHIR RESTful interactions, framework-free: ``FhirService.handle(FhirRequest) -> FhirResponse``.
+
+The HTTP shell (``gateway.api``) only turns HTTP into a :class:`FhirRequest` (body already parsed
+from JSON or XML) and a :class:`FhirResponse` back into HTTP. Transaction and batch Bundles run
+their entries through the same dispatcher, inside one database transaction for ``transaction``.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+import jsonpatch
+
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    Issue,
+    MethodNotAllowed,
+    NotFound,
+    PreconditionFailed,
+    Unprocessable,
+    outcome,
+)
+from gateway.fhir.datetimes import format_instant, http_date, parse_range, to_us
+from gateway.fhir.extract import references_in
+from gateway.fhir.references import ID_RE, TYPE_RE, is_known_type
+from gateway.fhir.searchparams import SEARCH_PARAMS
+from gateway.fhir.validate import clean_references, validate_structure
+from gateway.service.capability import capability_statement
+from gateway.store.policy import Context
+from gateway.store.repository import SearchPage, Session, Store, Stored, normalize_criteria
+
+READ_METHODS = {"GET", "HEAD"}
+_ETAG_RE = re.compile(r'^(?:W/)?"?([0-9]+)"?$')
+
+
+@dataclass(slots=True)
+class FhirRequest:
+    method: str
+    path: str  # relative to the FHIR base, without leading slash: "Task/1/_history"
+    params: list[tuple[str, str]] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)  # lower-case names
+    body: Any = None  # parsed resource dict, JSON Patch list, or None
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+    def prefer(self, key: str) -> str | None:
+        for part in (self.header("prefer") or "").split(","):
+            k, _, v = part.strip().partition("=")
+            if k.strip() == key:
+                return v.strip().strip('"')
+        return None
+
+
+@dataclass(slots=True)
+class FhirResponse:
+    status: int
+    body: dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    issues: list[Issue] = field(default_factory=list)  # warnings to report
+
+
+def parse_if_match(value: str | None, name: str = "If-Match") -> int | None:
+    if value is None or value.strip() == "":
+        return None
+    m = _ETAG_RE.match(value.strip())
+    if not m:
+        raise BadRequest(f'{name} must be a version ETag such as W/"3", got {value!r}', name)
+    return int(m.group(1))
+
+
+def _check_type(rtype: str) -> None:
+    if not TYPE_RE.match(rtype) or not is_known_type(rtype):
+        raise NotFound(
+            f"{rtype!r} is not a resource type this server supports. Supported: "
+            + ", ".join(sorted(SEARCH_PARAMS)), "resourceType")
+
+
+def _check_id(rid: str) -> None:
+    if not ID_RE.match(rid):
+        raise BadRequest(f"{rid!r} is not a valid FHIR id (1-64 letters, digits, '-' or '.')",
+                         "id")
+
+
+class FhirService:
+    """All FHIR interactions on one store."""
+
+    def __init__(self, store: Store, *, max_bundle_entries: int = 1000) -> None:
+        self.store = store
+        self.max_bundle_entries = max_bundle_entries
+        self.started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    # -- entry point -----------------------------------------------------------------------
+    def handle(self, req: FhirRequest, ctx: Context) -> FhirResponse:
+        parts = [p for p in req.path.strip("/").split("/") if p]
+        if req.method == "GET" and parts == ["metadata"]:
+            return FhirResponse(200, capability_statement(ctx.base_url or "", self.started))
+        if not parts and req.method == "POST":
+            return self.bundle(req, ctx)
+        write = req.method not in READ_METHODS and not (
+            len(parts) == 2 and parts[1] == "_search")
+        with self.store.session(ctx, write=write) as s:
+            return self.dispatch(s, req, parts)
+
+    def dispatch(self, s: Session, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        m = req.method
+        if not parts:
+            raise MethodNotAllowed(f"{m} on the server base is not supported "
+                                   "(POST a batch or transaction Bundle)")
+        if parts == ["_history"] and m in READ_METHODS:
+            return self.history(s, req, None, None)
+        rtype = parts[0]
+        _check_type(rtype)
+        if len(parts) == 1:
+            if m in READ_METHODS:
+                return self.search(s, req, rtype)
+            if m == "POST":
+                return self.create(s, req, rtype)
+            if m in ("PUT", "PATCH", "DELETE") and req.params:
+                return self.conditional(s, req, rtype)
+            raise MethodNotAllowed(f"{m} {rtype} needs an id or search criteria", rtype)
+        if len(parts) == 2 and parts[1] == "_search" and m == "POST":
+            return self.search(s, req, rtype)
+        if len(parts) == 2 and parts[1] == "_history" and m in READ_METHODS:
+            return self.history(s, req, rtype, None)
+        rid = parts[1]
+        _check_id(rid)
+        if len(parts) == 2:
+            if m in READ_METHODS:
+                return self.read(s, req, rtype, rid)
+            if m == "PUT":
+                return self.update(s, req, rtype, rid)
+            if m == "PATCH":
+                return self.patch(s, req, rtype, rid)
+            if m == "DELETE":
+                return self.delete(s, rtype, rid)
+        if len(parts) == 3 and parts[2] == "_history" and m in READ_METHODS:
+            return self.history(s, req, rtype, rid)
+        if len(parts) == 4 and parts[2] == "_history" and m in READ_METHODS:
+            if not parts[3].isdigit():
+                raise NotFound(f"{parts[3]!r} is not a version of {rtype}/{rid}")
+            stored = s.vread(rtype, rid, int(parts[3]))
+            return self._resource_response(200, stored, req, s.ctx)
+        raise MethodNotAllowed(f"{m} /{'/'.join(parts)} is not a FHIR interaction refgw offers")
+
+    # -- responses -------------------------------------------------------------------------
+    @staticmethod
+    def _location(ctx: Context, stored: Stored) -> str:
+        return f"{(ctx.base_url or '').rstrip('/')}/{stored.res_type}/{stored.id}/_history/" \
+               f"{stored.version}"
+
+    def _resource_response(self, status: int, stored: Stored, req: FhirRequest, ctx: Context,
+                           *, location: bool = False, issues: list[Issue] | None = None
+                           ) -> FhirResponse:
+        headers = {"ETag": f'W/"{stored.version}"',
+                   "Last-Modified": http_date(stored.last_updated)}
+        if location:
+            headers["Location"] = self._location(ctx, stored)
+        issues = issues or []
+        body: dict[str, Any] | None = stored.body
+        if req.method in ("POST", "PUT", "PATCH"):
+            ret = req.prefer("return")
+            if ret == "minimal":
+                body = None
+            elif ret == "OperationOutcome":
+                body = outcome(issues)
+        elif stored.body is not None and req.params:
+            elements = [v for k, v in req.params if k == "_elements"]
+            if elements:
+                body = _subset(stored.body, elements[0].split(","))
+        return FhirResponse(status, body, headers, issues)
+
+    # -- instance interactions -------------------------------------------------------------
+    def read(self, s: Session, req: FhirRequest, rtype: str, rid: str) -> FhirResponse:
+        stored = s.read(rtype, rid)
+        inm = req.header("if-none-match")
+        if inm and parse_if_match(inm, "If-None-Match") == stored.version:
+            return FhirResponse(304, None, {"ETag": f'W/"{stored.version}"'})
+        ims = req.header("if-modified-since")
+        if ims:
+            try:
+                since = to_us(parsedate_to_datetime(ims))
+            except (TypeError, ValueError) as exc:
+                raise BadRequest("If-Modified-Since is not an HTTP date",
+                                 "If-Modified-Since") from exc
+            if stored.last_updated // 1_000_000 <= since // 1_000_000:
+                return FhirResponse(304, None, {"ETag": f'W/"{stored.version}"'})
+        return self._resource_response(200, stored, req, s.ctx)
+
+    def _prepare(self, req: FhirRequest, rtype: str, rid: str | None) -> tuple[dict, list[Issue]]:
+        """Check and normalise a resource body for create/update."""
+        body = req.body
+        if not isinstance(body, dict):
+            raise BadRequest(f"The body must be a {rtype} resource")
+        if body.get("resourceType") != rtype:
+            raise BadRequest(
+                f"The body is a {body.get('resourceType')!r}, but the URL says {rtype}",
+                "resourceType")
+        resource = copy.deepcopy(body)
+        if rid is not None:
+            if "id" not in resource:
+                raise BadRequest(f"The {rtype} in the body has no id; it must be {rid!r}",
+                                 f"{rtype}.id")
+            if resource["id"] != rid:
+                raise BadRequest(
+                    f"The id in the body ({resource['id']!r}) differs from the id in the URL "
+                    f"({rid!r})", f"{rtype}.id")
+        resource.pop("id", None)
+        meta = resource.get("meta")
+        if isinstance(meta, dict):
+            meta = {k: v for k, v in meta.items() if k not in ("versionId", "lastUpdated")}
+            if meta:
+                resource["meta"] = meta
+            else:
+                resource.pop("meta")
+        warnings = clean_references(resource, rtype)
+        validate_structure(resource)
+        return resource, warnings
+
+    def create(self, s: Session, req: FhirRequest, rtype: str, *,
+               res_id: str | None = None) -> FhirResponse:
+        resource, warnings = self._prepare(req, rtype, None)
+        stored, created = s.create(resource, res_id=res_id,
+                                   if_none_exist=req.header("if-none-exist"))
+        if not created:
+            return self._resource_response(200, stored, req, s.ctx, location=True,
+                                           issues=warnings)
+        return self._resource_response(201, stored, req, s.ctx, location=True, issues=warnings)
+
+    def update(self, s: Session, req: FhirRequest, rtype: str, rid: str) -> FhirResponse:
+        resource, warnings = self._prepare(req, rtype, rid)
+        if_match = parse_if_match(req.header("if-match"))
+        stored, created = s.update(resource, rid, if_match=if_match)
+        status = 201 if stored.version == 1 else 200
+        return self._resource_response(status, stored, req, s.ctx, location=True,
+                                       issues=warnings)
+
+    def patch(self, s: Session, req: FhirRequest, rtype: str, rid: str) -> FhirResponse:
+        ops = req.body
+        if not isinstance(ops, list):
+            raise BadRequest("A PATCH body must be a JSON Patch document (a JSON array of "
+                             "operations) sent as application/json-patch+json")
+        current = s.read(rtype, rid)
+        if_match = parse_if_match(req.header("if-match"))
+        if if_match is not None and if_match != current.version:
+            raise PreconditionFailed(f"{rtype}/{rid} is at version {current.version}, "
+                                     f"not {if_match}", "If-Match")
+        try:
+            patched = jsonpatch.apply_patch(current.body, ops)
+        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError,
+                KeyError, ValueError) as exc:
+            raise Unprocessable(f"The patch cannot be applied to {rtype}/{rid}: {exc}") from exc
+        if not isinstance(patched, dict) or patched.get("resourceType") != rtype \
+                or patched.get("id") != rid:
+            raise Unprocessable("A patch may not change resourceType or id", f"{rtype}.id")
+        sub = FhirRequest("PATCH", req.path, req.params, req.headers, patched)
+        resource, warnings = self._prepare(sub, rtype, rid)
+        stored, _ = s.update(resource, rid, if_match=current.version, method="PATCH")
+        return self._resource_response(200, stored, req, s.ctx, issues=warnings)
+
+    def delete(self, s: Session, rtype: str, rid: str) -> FhirResponse:
+        stored = s.delete(rtype, rid)
+        headers = {"ETag": f'W/"{stored.version}"'} if stored else {}
+        return FhirResponse(204, None, headers)
+
+    def conditional(self, s: Session, req: FhirRequest, rtype: str) -> FhirResponse:
+        """Conditional update, patch and delete (criteria in the query string)."""
+        criteria = normalize_criteria(urlencode(req.params))
+        s.lock(f"create:{rtype}?{criteria}")
+        found = s.find(rtype, criteria)
+        if len(found) > 1:
+            raise PreconditionFailed(
+                f"The criteria match {len(found)} {rtype} resources; a conditional "
+                f"{req.method.lower()} needs them to match one", rtype)
+        if req.method == "DELETE":
+            if not found:
+                return FhirResponse(204)
+            return self.delete(s, rtype, found[0].id)
+        if req.method == "PATCH":
+            if not found:
+                raise NotFound(f"No {rtype} matches the criteria", rtype)
+            return self.patch(s, req, rtype, found[0].id)
+        body = req.body if isinstance(req.body, dict) else {}
+        if found:
+            target = found[0].id
+            if "id" in body and body["id"] != target:
+                raise BadRequest(f"The body's id {body['id']!r} differs from the matching "
+                                 f"{rtype}/{target}", f"{rtype}.id")
+            sub = FhirRequest("PUT", f"{rtype}/{target}", [], req.headers,
+                              {**body, "id": target})
+            return self.update(s, sub, rtype, target)
+        if "id" in body:
+            _check_id(str(body["id"]))
+            return self.update(s, req, rtype, str(body["id"]))
+        sub = FhirRequest("POST", rtype, [], {k: v for k, v in req.headers.items()
+                                               if k != "if-none-exist"}, body)
+        return self.create(s, sub, rtype)
+
+    # -- search ----------------------------------------------------------------------------
+    def search(self, s: Session, req: FhirRequest, rtype: str) -> FhirResponse:
+        lenient = req.prefer("handling") == "lenient"
+        q = s.parse_search(rtype, req.params, lenient=lenient)
+        page = s.search(q)
+        return FhirResponse(200, self._searchset(s.ctx, rtype, req, q, page))
+
+    def _searchset(self, ctx: Context, rtype: str, req: FhirRequest, q, page: SearchPage
+                   ) -> dict[str, Any]:
+        base = (ctx.base_url or "").rstrip("/")
+        keep = [(k, v) for k, v in req.params if k not in ("_page", "_offset", "_format")]
+        links = [{"relation": "self", "url": f"{base}/{rtype}" + (
+            "?" + urlencode([(k, v) for k, v in req.params if k != "_format"])
+            if req.params else "")}]
+        if page.next_cursor:
+            links.append({"relation": "next",
+                          "url": f"{base}/{rtype}?" + urlencode(keep + [("_page",
+                                                                          page.next_cursor)])})
+        elif page.next_offset is not None:
+            links.append({"relation": "next",
+                          "url": f"{base}/{rtype}?" + urlencode(keep + [("_offset",
+                                                                          str(page.next_offset))])})
+        bundle: dict[str, Any] = {
+            "resourceType": "Bundle",
+            "id": str(uuid.uuid4()),
+            "meta": {"lastUpdated": format_instant(s_now())},
+            "type": "searchset",
+        }
+        if page.total is not None:
+            bundle["total"] = page.total
+        bundle["link"] = links
+        entries = []
+        for st in page.matches:
+            entries.append({"fullUrl": f"{base}/{st.res_type}/{st.id}",
+                            "resource": _subset(st.body, q.elements) if q.elements else st.body,
+                            "search": {"mode": "match"}})
+        for st in page.included:
+            entries.append({"fullUrl": f"{base}/{st.res_type}/{st.id}", "resource": st.body,
+                            "search": {"mode": "include"}})
+        if q.ignored:
+            entries.append({"resource": outcome([Issue(
+                "warning", "not-supported",
+                f"Ignored unknown search parameter(s): {', '.join(q.ignored)}",
+                q.ignored, "1003")]), "search": {"mode": "outcome"}})
+        if entries:
+            bundle["entry"] = entries
+        return bundle
+
+    # -- history ---------------------------------------------------------------------------
+    def history(self, s: Session, req: FhirRequest, rtype: str | None,
+                rid: str | None) -> FhirResponse:
+        count, offset, since = 100, 0, None
+        for k, v in req.params:
+            if k == "_count":
+                if not v.isdigit():
+                    raise BadRequest("_count must be a whole number", "_count")
+                count = min(int(v), self.store.max_page_size)
+            elif k == "_offset":
+                if not v.isdigit():
+                    raise BadRequest("_offset must be a whole number", "_offset")
+                offset = int(v)
+            elif k == "_since":
+                rng = parse_range(v)
+                if rng is None:
+                    raise BadRequest(f"_since={v!r} is not a FHIR instant", "_since")
+                since = rng[0]
+            elif k not in ("_format", "_pretty"):
+                raise BadRequest(f"History does not support the parameter {k!r}", k)
+        versions, more = s.history(rtype, rid, count=count, since=since, offset=offset)
+        base = (s.ctx.base_url or "").rstrip("/")
+        path = "/".join(x for x in (rtype, rid, "_history") if x)
+        entries = []
+        for v in versions:
+            url = f"{v.res_type}/{v.id}"
+            e: dict[str, Any] = {"fullUrl": f"{base}/{url}"}
+            if v.body is not None:
+                e["resource"] = v.body
+            method = "DELETE" if v.deleted else ("POST" if v.version == 1 else "PUT")
+            e["request"] = {"method": method, "url": url if method != "POST" else v.res_type}
+            e["response"] = {"status": "204" if v.deleted else ("201" if v.version == 1
+                                                                else "200"),
+                             "etag": f'W/"{v.version}"',
+                             "lastModified": format_instant(v.last_updated)}
+            entries.append(e)
+        links = [{"relation": "self", "url": f"{base}/{path}"}]
+        if more:
+            keep = [(k, v) for k, v in req.params if k != "_offset"]
+            links.append({"relation": "next", "url": f"{base}/{path}?" + urlencode(
+                keep + [("_offset", str(offset + count))])})
+        bundle = {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "history",
+                  "link": links}
+        if entries:
+            bundle["entry"] = entries
+        return FhirResponse(200, bundle)
+
+    # -- batch and transaction -------------------------------------------------------------
+    def bundle(self, req: FhirRequest, ctx: Context) -> FhirResponse:
+        b = req.body
+        if not isinstance(b, dict) or b.get("resourceType") != "Bundle":
+            raise BadRequest("POST to the base must carry a Bundle of type batch or transaction",
+                             "resourceType")
+        btype = b.get("type")
+        if btype not in ("batch", "transaction"):
+            raise BadRequest(f"Bundle.type must be batch or transaction, not {btype!r}",
+                             "Bundle.type")
+        entries = b.get("entry") or []
+        if not isinstance(entries, list):
+            raise BadRequest("Bundle.entry must be a list", "Bundle.entry")
+        if len(entries) > self.max_bundle_entries:
+            raise BadRequest(f"The Bundle has {len(entries)} entries; the limit is "
+                             f"{self.max_bundle_entries}", "Bundle.entry")
+        parsed = [_entry_request(e, i, req.headers, ctx.base_url) for i, e in enumerate(entries)]
+        if btype == "transaction":
+            return self._transaction(parsed, ctx)
+        return self._batch(parsed, ctx)
+
+    def _batch(self, parsed: list[_Entry], ctx: Context) -> FhirResponse:
+        out = []
+        for entry in parsed:
+            try:
+                if entry.error:
+                    raise entry.error
+                write = entry.req.method not in READ_METHODS
+                with self.store.session(ctx, write=write) as s:
+                    resp = self.dispatch(s, entry.req, entry.parts)
+                out.append(_response_entry(resp, ctx))
+            except GatewayError as err:
+                out.append({"response": {"status": str(err.status_code),
+                                         "outcome": err.to_outcome()}})
+        return FhirResponse(200, {"resourceType": "Bundle", "id": str(uuid.uuid4()),
+                                  "type": "batch-response", "entry": out})
+
+    def _transaction(self, parsed: list[_Entry], ctx: Context) -> FhirResponse:
+        for entry in parsed:
+            if entry.error:
+                raise entry.error
+        responses: dict[int, dict[str, Any]] = {}
+        with self.store.session(ctx, write=True) as s:
+            idmap = self._assign_ids(s, parsed)
+            for entry in parsed:
+                try:
+                    _rewrite_references(entry, idmap, s)
+                except GatewayError as err:
+                    raise err.prefixed(f"Bundle.entry[{entry.index}].resource") from err
+            order = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
+            for entry in sorted(parsed, key=lambda e: (order[e.req.method], e.index)):
+                try:
+                    if entry.req.method == "POST" and entry.assigned:
+                        resp = self._tx_create(s, entry)
+                    else:
+                        resp = self.dispatch(s, entry.req, entry.parts)
+                except GatewayError as err:
+                    raise err.prefixed(f"Bundle.entry[{entry.index}]") from err
+                responses[entry.index] = _response_entry(resp, ctx)
+        return FhirResponse(200, {
+            "resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "transaction-response",
+            "entry": [responses[i] for i in range(len(parsed))]})
+
+    def _tx_create(self, s: Session, entry: _Entry) -> FhirResponse:
+        rtype, rid = entry.assigned  # type: ignore[misc]
+        if entry.existing is not None:
+            return self._resource_response(200, entry.existing, entry.req, s.ctx, location=True)
+        req = FhirRequest("POST", rtype, [], {k: v for k, v in entry.req.headers.items()
+                                              if k != "if-none-exist"}, entry.req.body)
+        return self.create(s, req, rtype, res_id=rid)
+
+    def _assign_ids(self, s: Session, parsed: list[_Entry]) -> dict[str, str]:
+        """Give every POST entry its id up front (or its match for If-None-Exist) and map each
+        entry's fullUrl to ``Type/id``, so references between entries can be rewritten."""
+        idmap: dict[str, str] = {}
+        for e in parsed:
+            m = e.req.method
+            rtype = e.parts[0] if e.parts else None
+            if m == "POST" and rtype and len(e.parts) == 1:
+                rid = str(uuid.uuid4())
+                ine = e.req.header("if-none-exist")
+                if ine:
+                    pairs = normalize_criteria(ine)
+                    s.lock(f"create:{rtype}?{pairs}")
+                    found = s.find(rtype, pairs)
+                    if len(found) > 1:
+                        raise PreconditionFailed(
+                            f"ifNoneExist {ine!r} matches {len(found)} {rtype} resources",
+                            f"Bundle.entry[{e.index}].request.ifNoneExist")
+                    if found:
+                        e.existing = found[0]
+                        rid = found[0].id
+                e.assigned = (rtype, rid)
+                if e.full_url:
+                    idmap[e.full_url] = f"{rtype}/{rid}"
+            elif m == "PUT" and rtype and e.full_url:
+                if len(e.parts) == 2:
+                    idmap[e.full_url] = f"{rtype}/{e.parts[1]}"
+                elif e.req.params:
+                    found = s.find(rtype, normalize_criteria(urlencode(e.req.params)))
+                    if len(found) == 1:
+                        idmap[e.full_url] = f"{rtype}/{found[0].id}"
+                    elif not found:
+                        new_id = str(uuid.uuid4())
+                        idmap[e.full_url] = f"{rtype}/{new_id}"
+                        if isinstance(e.req.body, dict):
+                            e.req.body = {**e.req.body, "id": new_id}
+        return idmap
+
+
+def s_now() -> int:
+    return to_us(datetime.now(UTC))
+
+
+def _subset(body: dict[str, Any], elements: list[str]) -> dict[str, Any]:
+    keep = {e.strip().split(".")[0] for e in elements if e.strip()}
+    out = {k: v for k, v in body.items() if k in keep or k in ("resourceType", "id", "meta")}
+    meta = dict(out.get("meta") or {})
+    meta["tag"] = list(meta.get("tag") or []) + [{
+        "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+        "code": "SUBSETTED"}]
+    out["meta"] = meta
+    return out
+
+
+@dataclass(slots=True)
+class _Entry:
+    index: int
+    req: FhirRequest
+    parts: list[str]
+    full_url: str | None
+    error: GatewayError | None = None
+    assigned: tuple[str, str] | None = None
+    existing: Stored | None = None
+
+
+_ABS_RE = re.compile(r"^https?://[^?]*?/(?=[A-Z][A-Za-z]+(?:[/?]|$))")
+
+
+def _entry_request(entry: Any, i: int, headers: dict[str, str], base_url: str | None) -> _Entry:
+    where = f"Bundle.entry[{i}]"
+    try:
+        if not isinstance(entry, dict):
+            raise BadRequest(f"{where} must be an object", where)
+        request = entry.get("request")
+        if not isinstance(request, dict):
+            raise BadRequest(f"{where}.request is missing: every entry of a batch or "
+                             "transaction says what to do (method and url)", f"{where}.request")
+        method = str(request.get("method", "")).upper()
+        url = request.get("url")
+        if method not in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
+            raise BadRequest(f"{where}.request.method {method!r} is not GET, POST, PUT, PATCH "
+                             "or DELETE", f"{where}.request.method")
+        if not isinstance(url, str) or not url:
+            raise BadRequest(f"{where}.request.url is missing", f"{where}.request.url")
+        url = _ABS_RE.sub("", url).lstrip("/")
+        path, _, query = url.partition("?")
+        parts = [p for p in path.split("/") if p]
+        params = parse_qsl(query, keep_blank_values=True)
+        if method in ("PUT", "PATCH", "DELETE") and len(parts) == 4 and parts[2] == "_history":
+            parts = parts[:2]  # liberal: a versioned URL names the resource
+        h = {k: v for k, v in headers.items() if k in ("prefer",)}
+        for key, hname in (("ifNoneExist", "if-none-exist"), ("ifMatch", "if-match"),
+                           ("ifNoneMatch", "if-none-match"),
+                           ("ifModifiedSince", "if-modified-since")):
+            if isinstance(request.get(key), str):
+                h[hname] = request[key]
+        body: Any = entry.get("resource")
+        if method == "PATCH" and isinstance(body, dict) and body.get("resourceType") == "Binary":
+            import base64
+
+            import orjson
+
+            body = orjson.loads(base64.b64decode(body.get("data", "")))
+        if method in ("POST", "PUT") and not isinstance(body, dict):
+            raise BadRequest(f"{where}.resource is missing for {method} {url}",
+                             f"{where}.resource")
+        if isinstance(body, dict):
+            body = copy.deepcopy(body)
+        full_url = entry.get("fullUrl") if isinstance(entry.get("fullUrl"), str) else None
+        return _Entry(i, FhirRequest(method, "/".join(parts), params, h, body), parts, full_url)
+    except GatewayError as err:
+        return _Entry(i, FhirRequest("GET", ""), [], None, error=err)
+
+
+def _rewrite_references(entry: _Entry, idmap: dict[str, str], s: Session) -> None:
+    body = entry.req.body
+    if not isinstance(body, dict):
+        return
+    for ref, path in references_in(body):
+        value = ref["reference"]
+        if value in idmap:
+            ref["reference"] = idmap[value]
+            continue
+        if "/urn:" in value:  # "Patient/urn:uuid:..." as some clients write it
+            tail = value[value.index("urn:"):]
+            if tail in idmap:
+                ref["reference"] = idmap[tail]
+                continue
+        if value.startswith("urn:uuid:") or value.startswith("urn:oid:") or "/urn:" in value:
+            raise BadRequest(
+                f"{path} points to {value}, but no entry of this Bundle has that fullUrl", path)
+        if "?" in value and TYPE_RE.match(value.split("?")[0]):
+            rtype, _, query = value.partition("?")
+            found = s.find(rtype, normalize_criteria(query))
+            if len(found) != 1:
+                raise PreconditionFailed(
+                    f"{path} is the conditional reference {value!r}, which matches "
+                    f"{len(found)} resources; it must match exactly one", path)
+            ref["reference"] = f"{rtype}/{found[0].id}"
+
+
+def _response_entry(resp: FhirResponse, ctx: Context) -> dict[str, Any]:
+    status_text = {200: "200 OK", 201: "201 Created", 204: "204 No Content",
+                   304: "304 Not Modified"}.get(resp.status, str(resp.status))
+    r: dict[str, Any] = {"status": status_text}
+    loc = resp.headers.get("Location")
+    if loc:
+        base = (ctx.base_url or "").rstrip("/") + "/"
+        r["location"] = loc[len(base):] if loc.startswith(base) else loc
+    if "ETag" in resp.headers:
+        r["etag"] = resp.headers["ETag"]
+    out: dict[str, Any] = {}
+    if resp.body is not None and resp.body.get("resourceType") != "OperationOutcome":
+        body = resp.body
+        out["fullUrl"] = f"{(ctx.base_url or '').rstrip('/')}/{body['resourceType']}/" \
+                         f"{body['id']}" if "id" in body and body.get("resourceType") != "Bundle" \
+            else None
+        if out["fullUrl"] is None:
+            del out["fullUrl"]
+        out["resource"] = body
+        if "meta" in body and "lastUpdated" in body["meta"]:
+            r["lastModified"] = body["meta"]["lastUpdated"]
+    if resp.issues:
+        r["outcome"] = outcome(resp.issues)
+    out["response"] = r
+    return out

@@ -1,0 +1,52 @@
+"""Runtime settings: one pydantic-settings class, env prefix ``REFGW_``.
+
+Settings are built once by the shell (CLI or test) and injected into ``create_app(settings)``;
+nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_VAR_DIR = Path("var")
+
+
+class Settings(BaseSettings):
+    """Everything the gateway can be configured with (see README, "Configuration")."""
+
+    model_config = SettingsConfigDict(env_prefix="REFGW_", extra="ignore")
+
+    database_url: str = Field(
+        default=f"sqlite:///{DEFAULT_VAR_DIR / 'refgw.sqlite3'}",
+        description="SQLAlchemy URL: sqlite:///path or postgresql+psycopg://user@host/db",
+    )
+    base_url: str | None = Field(
+        default=None,
+        description="Public base URL of the FHIR API (used in fullUrl, Location and links). "
+        "Default: taken from each request.",
+    )
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    default_page_size: int = Field(default=200, ge=1)
+    max_page_size: int = Field(default=1000, ge=1)
+    max_bundle_entries: int = Field(default=1000, ge=1)
+    load_demo: bool = Field(default=True, description="Load the demo network on `refgw serve`")
+    db_pool_size: int = Field(default=10, ge=1)
+    log_level: str = "info"
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalise_driver(cls, v: str) -> str:
+        # Accept the URLs people paste from other tools and pick our driver (psycopg 3).
+        for prefix in ("postgres://", "postgresql://"):
+            if v.startswith(prefix):
+                return "postgresql+psycopg://" + v[len(prefix) :]
+        return v
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")

@@ -1,0 +1,91 @@
+"""Engines and migrations for the two supported databases.
+
+SQLite (the embedded default) runs in WAL mode with ``synchronous=FULL`` so that a 2xx means the
+write is on disk; write transactions start with ``BEGIN IMMEDIATE`` so that check-then-write
+(conditional create, If-Match) is serialized. PostgreSQL uses READ COMMITTED plus row locks
+(``SELECT ... FOR UPDATE``) and transaction-scoped advisory locks where a check must be atomic.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, make_url
+
+Dialect = Literal["sqlite", "postgresql"]
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def _json_dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def make_engine(url: str, pool_size: int = 10) -> Engine:
+    """An engine for ``url`` with the settings refgw relies on."""
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite":
+        if u.database and u.database != ":memory:":
+            Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            u,
+            json_serializer=_json_dumps,
+            json_deserializer=orjson.loads,
+            connect_args={"timeout": 60, "check_same_thread": False},
+            pool_size=pool_size,
+            max_overflow=pool_size,
+        )
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Any) -> None:
+            write = conn.get_execution_options().get("refgw_write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+        return engine
+    if u.get_backend_name() == "postgresql":
+        return create_engine(
+            u,
+            json_serializer=_json_dumps,
+            json_deserializer=orjson.loads,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_pre_ping=True,
+        )
+    raise ValueError(f"unsupported database {u.get_backend_name()!r}: use sqlite or postgresql")
+
+
+def dialect_of(engine: Engine) -> Dialect:
+    name = engine.dialect.name
+    if name not in ("sqlite", "postgresql"):
+        raise ValueError(name)
+    return name  # type: ignore[return-value]
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Apply the Alembic migrations (``refgw db upgrade``)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()

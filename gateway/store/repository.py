@@ -1,0 +1,462 @@
+"""The repository: versioned FHIR resources with search indexes, on SQLite or PostgreSQL.
+
+``Store`` owns the engine; ``Store.session(ctx, write=...)`` opens one database transaction and
+yields a :class:`Session`. Every method of ``Session`` applies the context's access policy and
+reports to its audit sink, so the HTTP and CLI shells never check permissions themselves.
+
+Concurrency:
+
+- updates lock the current row (``FOR UPDATE`` on PostgreSQL; ``BEGIN IMMEDIATE`` serializes
+  writers on SQLite) so If-Match is checked against the version actually being replaced;
+- conditional create takes a transaction-scoped advisory lock on the normalized criteria, so
+  concurrent creates with the same ``If-None-Exist`` store exactly one resource.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+from sqlalchemy import Connection, delete, false, func, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
+
+from gateway.errors import BadRequest, Gone, NotFound, PreconditionFailed
+from gateway.fhir.datetimes import format_instant
+from gateway.fhir.extract import extract
+from gateway.fhir.searchparams import REFERENCE
+from gateway.store.db import Dialect, dialect_of, make_engine
+from gateway.store.policy import AuditRecord, Context
+from gateway.store.schema import INDEX_TABLES, resource_history, resources
+from gateway.store.search import (
+    IncludeSpec,
+    QueryBuilder,
+    SearchQuery,
+    apply_cursor,
+    encode_cursor,
+    sort_columns,
+)
+
+
+@dataclass(slots=True)
+class Stored:
+    """One stored version of a resource."""
+
+    rid: int
+    res_type: str
+    id: str
+    version: int
+    last_updated: int
+    deleted: bool
+    body: dict[str, Any] | None
+
+
+@dataclass(slots=True)
+class SearchPage:
+    matches: list[Stored]
+    included: list[Stored]
+    total: int | None
+    next_cursor: str | None
+    next_offset: int | None
+
+
+class _Clock:
+    """Strictly increasing microsecond timestamps within this process."""
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def now(self) -> int:
+        with self._lock:
+            t = time.time_ns() // 1000
+            self._last = max(t, self._last + 1)
+            return self._last
+
+
+def _lock_key(text_: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text_.encode(), digest_size=8).digest(), "big",
+                          signed=True)
+
+
+def normalize_criteria(criteria: str) -> list[tuple[str, str]]:
+    """Conditional criteria (``identifier=a|b&status=x``) as sorted parameter pairs."""
+    pairs = parse_qsl(criteria.lstrip("?"), keep_blank_values=True)
+    if not pairs:
+        raise BadRequest(f"Conditional criteria {criteria!r} are empty")
+    return sorted(pairs)
+
+
+class Store:
+    """The resource store for one database."""
+
+    def __init__(self, url: str, pool_size: int = 10, default_page_size: int = 200,
+                 max_page_size: int = 1000) -> None:
+        self.engine = make_engine(url, pool_size=pool_size)
+        self.dialect: Dialect = dialect_of(self.engine)
+        self.clock = _Clock()
+        self.default_page_size = default_page_size
+        self.max_page_size = max_page_size
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> bool:
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return True
+
+    @contextmanager
+    def session(self, ctx: Context | None = None, *, write: bool = False) -> Iterator[Session]:
+        """One database transaction. Commits on normal exit, rolls back on any exception."""
+        with self.engine.connect() as conn:
+            if write and self.dialect == "sqlite":
+                conn = conn.execution_options(refgw_write=True)
+            with conn.begin():
+                yield Session(self, conn, ctx or Context())
+
+
+class Session:
+    """The operations of one transaction, seen through the caller's access policy."""
+
+    def __init__(self, store: Store, conn: Connection, ctx: Context) -> None:
+        self.store = store
+        self.conn = conn
+        self.ctx = ctx
+        self._now: int | None = None
+
+    # -- helpers ---------------------------------------------------------------------------
+    @property
+    def now(self) -> int:
+        """The transaction's timestamp (all writes of one transaction share it)."""
+        if self._now is None:
+            self._now = self.store.clock.now()
+        return self._now
+
+    def _audit(self, interaction: str, res_type: str | None, res_id: str | None,
+               outcome: str = "success") -> None:
+        self.ctx.audit.record(AuditRecord(interaction, res_type, res_id, outcome,
+                                          self.ctx.caller))
+
+    def _visible(self, res_type: str):
+        return self.ctx.policy.visible(res_type, resources)
+
+    def _row(self, res_type: str, res_id: str, *, lock: bool = False) -> Stored | None:
+        stmt = select(resources).where(resources.c.res_type == res_type,
+                                       resources.c.fhir_id == res_id)
+        vis = self._visible(res_type)
+        if vis is not None:
+            stmt = stmt.where(vis)
+        if lock and self.store.dialect == "postgresql":
+            stmt = stmt.with_for_update()
+        r = self.conn.execute(stmt).first()
+        if r is None:
+            return None
+        return Stored(r.rid, r.res_type, r.fhir_id, r.version, r.last_updated, r.deleted, r.body)
+
+    def _stamp(self, resource: dict[str, Any], res_id: str, version: int) -> dict[str, Any]:
+        meta = dict(resource.get("meta") or {})
+        meta["versionId"] = str(version)
+        meta["lastUpdated"] = format_instant(self.now)
+        out = {"resourceType": resource["resourceType"], "id": res_id, "meta": meta}
+        out.update({k: v for k, v in resource.items() if k not in ("resourceType", "id", "meta")})
+        return out
+
+    def _write_indexes(self, rid: int, res_type: str, body: dict[str, Any]) -> None:
+        rows = extract(body, self.ctx.base_url)
+        for kind, table in INDEX_TABLES.items():
+            values = getattr(rows, kind)
+            if not values:
+                continue
+            cols = [c.name for c in table.columns][3:]
+            self.conn.execute(
+                insert(table),
+                [{"rid": rid, "res_type": res_type, "param": v[0], **dict(zip(cols, v[1:],
+                                                                             strict=True))}
+                 for v in values],
+            )
+
+    def _clear_indexes(self, rid: int) -> None:
+        for table in INDEX_TABLES.values():
+            self.conn.execute(delete(table).where(table.c.rid == rid))
+
+    def _history(self, rid: int, res_type: str, res_id: str, version: int, deleted: bool,
+                 method: str, body: dict[str, Any] | None) -> None:
+        self.conn.execute(insert(resource_history).values(
+            rid=rid, version=version, res_type=res_type, fhir_id=res_id,
+            last_updated=self.now, deleted=deleted, method=method, body=body))
+
+    # -- interactions ----------------------------------------------------------------------
+    def read(self, res_type: str, res_id: str) -> Stored:
+        row = self._row(res_type, res_id)
+        if row is None:
+            self._audit("read", res_type, res_id, "failed")
+            raise NotFound(f"{res_type}/{res_id} is not known", f"{res_type}.id")
+        if row.deleted:
+            self._audit("read", res_type, res_id, "failed")
+            raise Gone(f"{res_type}/{res_id} was deleted", f"{res_type}.id",
+                       headers={"ETag": f'W/"{row.version}"'})
+        self._audit("read", res_type, res_id)
+        return row
+
+    def vread(self, res_type: str, res_id: str, version: int) -> Stored:
+        current = self._row(res_type, res_id)
+        if current is None:
+            raise NotFound(f"{res_type}/{res_id} is not known", f"{res_type}.id")
+        r = self.conn.execute(select(resource_history).where(
+            resource_history.c.rid == current.rid, resource_history.c.version == version)).first()
+        if r is None:
+            raise NotFound(f"{res_type}/{res_id} has no version {version}",
+                           f"{res_type}.meta.versionId")
+        if r.deleted:
+            raise Gone(f"Version {version} of {res_type}/{res_id} is a deletion",
+                       f"{res_type}.meta.versionId")
+        self._audit("vread", res_type, res_id)
+        return Stored(r.rid, r.res_type, r.fhir_id, r.version, r.last_updated, r.deleted, r.body)
+
+    def create(self, resource: dict[str, Any], *, res_id: str | None = None,
+               if_none_exist: str | None = None) -> tuple[Stored, bool]:
+        """Store a new resource. With ``if_none_exist``, return the match instead (created=False)."""
+        res_type = resource["resourceType"]
+        if if_none_exist:
+            pairs = normalize_criteria(if_none_exist)
+            self.lock(f"create:{res_type}?{pairs}")
+            found = self.find(res_type, pairs)
+            if len(found) > 1:
+                raise PreconditionFailed(
+                    f"If-None-Exist {if_none_exist!r} matches {len(found)} {res_type} resources; "
+                    "it must match at most one", "If-None-Exist")
+            if found:
+                self._audit("create", res_type, found[0].id)
+                return found[0], False
+        self.ctx.policy.check_write("create", res_type, None, resource)
+        res_id = res_id or str(uuid.uuid4())
+        body = self._stamp(resource, res_id, 1)
+        try:
+            with self.conn.begin_nested():
+                rid = self.conn.execute(insert(resources).values(
+                    res_type=res_type, fhir_id=res_id, version=1, last_updated=self.now,
+                    deleted=False, body=body).returning(resources.c.rid)).scalar_one()
+        except IntegrityError as exc:
+            raise PreconditionFailed(f"{res_type}/{res_id} already exists", f"{res_type}.id") \
+                from exc
+        self._history(rid, res_type, res_id, 1, False, "POST", body)
+        self._write_indexes(rid, res_type, body)
+        self._audit("create", res_type, res_id)
+        return Stored(rid, res_type, res_id, 1, self.now, False, body), True
+
+    def update(self, resource: dict[str, Any], res_id: str, *, if_match: int | None = None,
+               method: str = "PUT") -> tuple[Stored, bool]:
+        """Replace ``resource`` as a new version (create it under ``res_id`` if it is new)."""
+        res_type = resource["resourceType"]
+        current = self._row(res_type, res_id, lock=True)
+        if current is None:
+            if if_match is not None:
+                raise PreconditionFailed(
+                    f"{res_type}/{res_id} does not exist, so If-Match cannot hold", "If-Match")
+            self.ctx.policy.check_write("create", res_type, None, resource)
+            return self.create(resource, res_id=res_id)
+        if if_match is not None and if_match != current.version:
+            self._audit("update", res_type, res_id, "failed")
+            raise PreconditionFailed(
+                f"{res_type}/{res_id} is at version {current.version}, not {if_match}: "
+                "someone changed it since you read it. Read it again and retry.", "If-Match",
+                headers={"ETag": f'W/"{current.version}"'})
+        self.ctx.policy.check_write("update", res_type, current.body, resource)
+        version = current.version + 1
+        body = self._stamp(resource, res_id, version)
+        self.conn.execute(update(resources).where(resources.c.rid == current.rid).values(
+            version=version, last_updated=self.now, deleted=False, body=body))
+        self._history(current.rid, res_type, res_id, version, False, method, body)
+        self._clear_indexes(current.rid)
+        self._write_indexes(current.rid, res_type, body)
+        self._audit("update" if method == "PUT" else "patch", res_type, res_id)
+        return Stored(current.rid, res_type, res_id, version, self.now, False, body), \
+            current.deleted
+
+    def delete(self, res_type: str, res_id: str) -> Stored | None:
+        """Delete (a versioned tombstone). Deleting twice is not an error."""
+        current = self._row(res_type, res_id, lock=True)
+        if current is None:
+            raise NotFound(f"{res_type}/{res_id} is not known", f"{res_type}.id")
+        if current.deleted:
+            return None
+        self.ctx.policy.check_write("delete", res_type, current.body, None)
+        version = current.version + 1
+        self.conn.execute(update(resources).where(resources.c.rid == current.rid).values(
+            version=version, last_updated=self.now, deleted=True, body=None))
+        self._history(current.rid, res_type, res_id, version, True, "DELETE", None)
+        self._clear_indexes(current.rid)
+        self._audit("delete", res_type, res_id)
+        return Stored(current.rid, res_type, res_id, version, self.now, True, None)
+
+    def lock(self, key: str) -> None:
+        """A transaction-scoped lock on ``key`` (PostgreSQL advisory lock; SQLite writers are
+        already serialized by ``BEGIN IMMEDIATE``)."""
+        if self.store.dialect == "postgresql":
+            self.conn.execute(select(func.pg_advisory_xact_lock(_lock_key(key))))
+
+    # -- search ----------------------------------------------------------------------------
+    def parse_search(self, res_type: str, params: list[tuple[str, str]], *,
+                     lenient: bool = False) -> SearchQuery:
+        return QueryBuilder(res_type, self.ctx.base_url).parse(
+            params, lenient=lenient, default_count=self.store.default_page_size,
+            max_count=self.store.max_page_size)
+
+    def _base_stmt(self, q: SearchQuery, *cols):
+        stmt = select(*cols).where(resources.c.res_type == q.res_type,
+                                   resources.c.deleted == false(), *q.conditions)
+        vis = self._visible(q.res_type)
+        return stmt.where(vis) if vis is not None else stmt
+
+    def find(self, res_type: str, params: list[tuple[str, str]], limit: int = 2) -> list[Stored]:
+        """Resources matching criteria (for conditional interactions), at most ``limit``."""
+        q = self.parse_search(res_type, params)
+        stmt = self._base_stmt(q, resources).order_by(resources.c.rid).limit(limit)
+        return [Stored(r.rid, r.res_type, r.fhir_id, r.version, r.last_updated, r.deleted,
+                       r.body) for r in self.conn.execute(stmt)]
+
+    def count(self, q: SearchQuery) -> int:
+        stmt = self._base_stmt(q, func.count())
+        return int(self.conn.execute(stmt).scalar_one())
+
+    def search(self, q: SearchQuery) -> SearchPage:
+        total: int | None = None
+        if q.summary == "count":
+            self._audit("search-type", q.res_type, None)
+            return SearchPage([], [], self.count(q), None, None)
+        stmt = self._base_stmt(q, resources).order_by(*sort_columns(q))
+        if q.keyset:
+            stmt = apply_cursor(stmt, q)
+        else:
+            stmt = stmt.offset(q.offset)
+        rows = list(self.conn.execute(stmt.limit(q.count + 1))) if q.count > 0 else []
+        more = len(rows) > q.count
+        rows = rows[: q.count]
+        matches = [Stored(r.rid, r.res_type, r.fhir_id, r.version, r.last_updated, r.deleted,
+                          r.body) for r in rows]
+        if q.total_mode in ("accurate", "estimate") or q.count == 0:
+            total = self.count(q)
+        elif not more and q.cursor is None and q.offset == 0:
+            total = len(matches)
+        next_cursor = next_offset = None
+        if more:
+            if q.keyset:
+                last = matches[-1]
+                next_cursor = encode_cursor(last.last_updated, last.rid)
+            else:
+                next_offset = q.offset + q.count
+        included = self._includes(q, matches) if q.includes and matches else []
+        self._audit("search-type", q.res_type, None)
+        return SearchPage(matches, included, total, next_cursor, next_offset)
+
+    def _includes(self, q: SearchQuery, matches: list[Stored]) -> list[Stored]:
+        seen = {(m.res_type, m.id) for m in matches}
+        out: list[Stored] = []
+        frontier = matches
+        forward = [i for i in q.includes if not i.reverse]
+        reverse = [i for i in q.includes if i.reverse]
+        first = True
+        for _depth in range(4):
+            new: list[Stored] = []
+            for spec in forward:
+                if not first and not spec.iterate:
+                    continue
+                new += self._forward(spec, [m for m in frontier if m.res_type == spec.source_type])
+            for spec in reverse:
+                if not first and not spec.iterate:
+                    continue
+                new += self._reverse(spec, frontier)
+            fresh = []
+            for s in new:
+                if (s.res_type, s.id) not in seen:
+                    seen.add((s.res_type, s.id))
+                    fresh.append(s)
+            out += fresh
+            if not fresh or not any(i.iterate for i in q.includes):
+                break
+            frontier, first = fresh, False
+        return out
+
+    def _fetch(self, targets: set[tuple[str, str]]) -> list[Stored]:
+        out: list[Stored] = []
+        by_type: dict[str, list[str]] = {}
+        for t, i in targets:
+            by_type.setdefault(t, []).append(i)
+        for t, ids in sorted(by_type.items()):
+            stmt = select(resources).where(resources.c.res_type == t,
+                                           resources.c.fhir_id.in_(sorted(ids)),
+                                           resources.c.deleted == false())
+            vis = self._visible(t)
+            if vis is not None:
+                stmt = stmt.where(vis)
+            out += [Stored(r.rid, r.res_type, r.fhir_id, r.version, r.last_updated, r.deleted,
+                           r.body) for r in self.conn.execute(stmt)]
+        return out
+
+    def _forward(self, spec: IncludeSpec, sources: list[Stored]) -> list[Stored]:
+        if not sources:
+            return []
+        ref = INDEX_TABLES[REFERENCE]
+        stmt = select(ref.c.target_type, ref.c.target_id).where(
+            ref.c.rid.in_([s.rid for s in sources]), ref.c.param == spec.param,
+            ref.c.target_id.is_not(None))
+        if spec.target_type:
+            stmt = stmt.where(ref.c.target_type == spec.target_type)
+        targets = {(t, i) for t, i in self.conn.execute(stmt)}
+        return self._fetch(targets)
+
+    def _reverse(self, spec: IncludeSpec, targets: list[Stored]) -> list[Stored]:
+        ref = INDEX_TABLES[REFERENCE]
+        out: list[Stored] = []
+        by_type: dict[str, list[str]] = {}
+        for t in targets:
+            by_type.setdefault(t.res_type, []).append(t.id)
+        for t, ids in by_type.items():
+            stmt = select(resources).where(
+                resources.c.res_type == spec.source_type, resources.c.deleted == false(),
+                resources.c.rid.in_(select(ref.c.rid).where(
+                    ref.c.res_type == spec.source_type, ref.c.param == spec.param,
+                    ref.c.target_type == t, ref.c.target_id.in_(ids))))
+            vis = self._visible(spec.source_type)
+            if vis is not None:
+                stmt = stmt.where(vis)
+            out += [Stored(r.rid, r.res_type, r.fhir_id, r.version, r.last_updated, r.deleted,
+                           r.body) for r in self.conn.execute(stmt.limit(1000))]
+        return out
+
+    # -- history ---------------------------------------------------------------------------
+    def history(self, res_type: str | None, res_id: str | None, *, count: int,
+                since: int | None = None, before: int | None = None,
+                offset: int = 0) -> tuple[list[Stored], bool]:
+        """Versions, newest first. Returns (versions, more)."""
+        h = resource_history
+        stmt = select(h).join(resources, resources.c.rid == h.c.rid)
+        if res_type:
+            stmt = stmt.where(h.c.res_type == res_type)
+            vis = self._visible(res_type)
+            if vis is not None:
+                stmt = stmt.where(vis)
+        if res_id is not None:
+            assert res_type
+            current = self._row(res_type, res_id)
+            if current is None:
+                raise NotFound(f"{res_type}/{res_id} is not known", f"{res_type}.id")
+            stmt = stmt.where(h.c.rid == current.rid)
+        if since is not None:
+            stmt = stmt.where(h.c.last_updated >= since)
+        if before is not None:
+            stmt = stmt.where(h.c.last_updated < before)
+        stmt = stmt.order_by(h.c.last_updated.desc(), h.c.rid.desc(), h.c.version.desc())
+        rows = list(self.conn.execute(stmt.offset(offset).limit(count + 1)))
+        self._audit("history-instance" if res_id else "history-type" if res_type
+                    else "history-system", res_type, res_id)
+        return [Stored(r.rid, r.res_type, r.fhir_id, r.version, r.last_updated, r.deleted,
+                       r.body) for r in rows[:count]], len(rows) > count
+

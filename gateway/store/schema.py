@@ -1,0 +1,129 @@
+"""Tables of the resource store (SQLAlchemy Core). The migrations in ``migrations/`` create them.
+
+- ``resources``: the current version of every resource (``rid`` is the internal key).
+- ``resource_history``: every version, deletes included (tombstones with ``body`` NULL).
+- ``sp_*``: search indexes of the current versions, one table per parameter type.
+
+Times are integer microseconds since the epoch (UTC) on both databases, so comparisons and
+keyset paging are plain integer comparisons. Bodies are JSONB on PostgreSQL, JSON text on SQLite.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = MetaData()
+
+RID = BigInteger().with_variant(Integer(), "sqlite")
+BODY = JSON().with_variant(JSONB(), "postgresql")
+
+resources = Table(
+    "resources",
+    metadata,
+    Column("rid", RID, primary_key=True, autoincrement=True),
+    Column("res_type", String(64), nullable=False),
+    Column("fhir_id", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("last_updated", BigInteger, nullable=False),
+    Column("deleted", Boolean, nullable=False, default=False),
+    Column("body", BODY, nullable=True),
+    UniqueConstraint("res_type", "fhir_id", name="uq_resources_type_id"),
+    Index("ix_resources_type_lu", "res_type", "last_updated", "rid"),
+)
+
+resource_history = Table(
+    "resource_history",
+    metadata,
+    Column("rid", RID, primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("res_type", String(64), nullable=False),
+    Column("fhir_id", String(64), nullable=False),
+    Column("last_updated", BigInteger, nullable=False),
+    Column("deleted", Boolean, nullable=False),
+    Column("method", String(8), nullable=False),
+    Column("body", BODY, nullable=True),
+    Index("ix_history_type_lu", "res_type", "last_updated"),
+    Index("ix_history_lu", "last_updated"),
+)
+
+sp_token = Table(
+    "sp_token",
+    metadata,
+    Column("rid", RID, nullable=False),
+    Column("res_type", String(64), nullable=False),
+    Column("param", String(64), nullable=False),
+    Column("system", String(250), nullable=True),
+    Column("code", String(250), nullable=False),
+    Index("ix_sp_token_lookup", "res_type", "param", "code", "system"),
+    Index("ix_sp_token_rid", "rid"),
+)
+
+sp_reference = Table(
+    "sp_reference",
+    metadata,
+    Column("rid", RID, nullable=False),
+    Column("res_type", String(64), nullable=False),
+    Column("param", String(64), nullable=False),
+    Column("target_type", String(64), nullable=True),
+    Column("target_id", String(64), nullable=True),
+    Column("target_url", String(1024), nullable=True),
+    Index("ix_sp_reference_lookup", "res_type", "param", "target_id", "target_type"),
+    Index("ix_sp_reference_target", "target_type", "target_id"),
+    Index("ix_sp_reference_rid", "rid"),
+)
+
+sp_string = Table(
+    "sp_string",
+    metadata,
+    Column("rid", RID, nullable=False),
+    Column("res_type", String(64), nullable=False),
+    Column("param", String(64), nullable=False),
+    Column("value", String(200), nullable=False),
+    Index("ix_sp_string_lookup", "res_type", "param", "value",
+          postgresql_ops={"value": "varchar_pattern_ops"}),
+    Index("ix_sp_string_rid", "rid"),
+)
+
+sp_date = Table(
+    "sp_date",
+    metadata,
+    Column("rid", RID, nullable=False),
+    Column("res_type", String(64), nullable=False),
+    Column("param", String(64), nullable=False),
+    Column("low", BigInteger, nullable=False),
+    Column("high", BigInteger, nullable=False),
+    Index("ix_sp_date_low", "res_type", "param", "low"),
+    Index("ix_sp_date_high", "res_type", "param", "high"),
+    Index("ix_sp_date_rid", "rid"),
+)
+
+sp_uri = Table(
+    "sp_uri",
+    metadata,
+    Column("rid", RID, nullable=False),
+    Column("res_type", String(64), nullable=False),
+    Column("param", String(64), nullable=False),
+    Column("value", String(250), nullable=False),
+    Index("ix_sp_uri_lookup", "res_type", "param", "value"),
+    Index("ix_sp_uri_rid", "rid"),
+)
+
+INDEX_TABLES = {
+    "token": sp_token,
+    "reference": sp_reference,
+    "string": sp_string,
+    "date": sp_date,
+    "uri": sp_uri,
+}
