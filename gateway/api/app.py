@@ -157,12 +157,6 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         media = formats.content_type(fmt) if resp.body is not None else None
         return Response(content, status_code=resp.status, headers=resp.headers, media_type=media)
 
-    for path in ("/", "/metadata", "/_history", "/{rtype}", "/{rtype}/_search",
-                 "/{rtype}/_history", "/{rtype}/{rid}", "/{rtype}/{rid}/_history",
-                 "/{rtype}/{rid}/_history/{vid}"):
-        app.add_api_route(path, fhir_endpoint, methods=FHIR_METHODS, include_in_schema=True,
-                          name=f"fhir:{path}")
-
     @app.get("/healthz", include_in_schema=True)
     async def healthz() -> dict[str, str]:
         """Liveness: the process answers."""
@@ -179,6 +173,12 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                 "error", "transient", "The database is not reachable")]), formats.JSON),
                 status_code=503, media_type=formats.content_type(formats.JSON))
         return Response(b'{"status":"ready"}', media_type="application/json")
+
+    for path in ("/", "/metadata", "/_history", "/{rtype}", "/{rtype}/_search",
+                 "/{rtype}/_history", "/{rtype}/{rid}", "/{rtype}/{rid}/_history",
+                 "/{rtype}/{rid}/_history/{vid}"):
+        app.add_api_route(path, fhir_endpoint, methods=FHIR_METHODS, include_in_schema=True,
+                          name=f"fhir:{path}")
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> Response:

@@ -1,0 +1,29 @@
+# refgw developer commands. `make run` and `make test` are the two commands of README.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test install bench clean
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: $(PYTHON) not found; set PYTHON=python3" >&2; exit 2; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install  ## set up and run the gateway on 127.0.0.1:8080 (SQLite under var/)
+	$(BIN)/refgw serve
+
+test: install  ## set up and run the whole test suite
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install  ## benchmark (see bench/README.md); DB=sqlite|postgresql
+	$(BIN)/python bench/bench_store.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,86 @@
+"""Test fixtures: the whole API suite runs on SQLite and on PostgreSQL.
+
+PostgreSQL tests use ``REFGW_TEST_POSTGRES_URL`` (an SQLAlchemy URL). Without it they skip with
+a one-line reason, unless ``REFGW_REQUIRE_POSTGRES=1`` (set by ``.ci/run``), which turns a
+missing or unreachable PostgreSQL into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+
+from gateway.api.app import create_app
+from gateway.settings import Settings
+from gateway.store.db import upgrade
+from gateway.store.repository import Store
+from gateway.store.schema import metadata
+
+PG_URL = os.environ.get("REFGW_TEST_POSTGRES_URL")
+PG_REQUIRED = os.environ.get("REFGW_REQUIRE_POSTGRES") == "1"
+BASE = "http://testserver"
+
+
+@pytest.fixture(scope="session")
+def pg_store() -> Iterator[Store]:
+    if not PG_URL:
+        if PG_REQUIRED:
+            pytest.fail("REFGW_REQUIRE_POSTGRES=1 but REFGW_TEST_POSTGRES_URL is not set")
+        pytest.skip("PostgreSQL tests need REFGW_TEST_POSTGRES_URL")
+    store = Store(PG_URL, pool_size=25)
+    try:
+        store.ping()
+    except Exception as exc:  # unreachable server
+        if PG_REQUIRED:
+            pytest.fail(f"PostgreSQL at REFGW_TEST_POSTGRES_URL is unreachable: {exc}")
+        pytest.skip(f"PostgreSQL unreachable: {type(exc).__name__}")
+    upgrade(store.engine)
+    yield store
+    store.dispose()
+
+
+def _truncate(store: Store) -> None:
+    names = [t.name for t in reversed(metadata.sorted_tables)]
+    with store.engine.begin() as conn:
+        if store.dialect == "postgresql":
+            conn.execute(text("TRUNCATE " + ", ".join(names) + " RESTART IDENTITY"))
+        else:
+            for n in names:
+                conn.execute(text(f"DELETE FROM {n}"))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[Store]:
+    """An empty, migrated store on each database."""
+    if request.param == "sqlite":
+        s = Store(f"sqlite:///{tmp_path / 'refgw.sqlite3'}", pool_size=25)
+        upgrade(s.engine)
+        yield s
+        s.dispose()
+    else:
+        s = request.getfixturevalue("pg_store")
+        _truncate(s)
+        yield s
+
+
+@pytest.fixture
+def settings(store: Store) -> Settings:
+    return Settings(database_url=str(store.engine.url.render_as_string(hide_password=False)),
+                    load_demo=False, base_url=None)
+
+
+@pytest.fixture
+def client(store: Store, settings: Settings) -> Iterator[TestClient]:
+    """An HTTP client on the ASGI app over ``store``."""
+    app = create_app(settings, store=store)
+    with TestClient(app, base_url=BASE) as c:
+        yield c
+
+
+def fhir_json(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json",
+            **(extra or {})}
