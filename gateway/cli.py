@@ -52,7 +52,7 @@ def serve(
 
     from gateway.api.app import create_app
     from gateway.demo import load_demo
-    from gateway.store.db import upgrade
+    from gateway.store.db import current_revision, head_revision, upgrade
     from gateway.store.repository import Store
 
     settings = Settings()
@@ -62,11 +62,16 @@ def serve(
         store = Store(settings.database_url, pool_size=settings.db_pool_size,
                       default_page_size=settings.default_page_size,
                       max_page_size=settings.max_page_size)
-        upgrade(store.engine)
+        if store.dialect == "sqlite":
+            upgrade(store.engine)  # the embedded default migrates itself
+        elif current_revision(store.engine) != head_revision():
+            _fail("the PostgreSQL schema is not current: run `refgw db upgrade` first")
         if settings.load_demo:
             n = load_demo(store)
             if n:
                 typer.echo(f"refgw: loaded {n} demo resources", err=True)
+    except typer.Exit:
+        raise
     except Exception as exc:
         _fail(f"cannot open the database {_safe_url(settings.database_url)}: {exc}")
         return

@@ -239,7 +239,7 @@ class FhirService:
         resource, warnings = self._prepare(req, rtype, rid)
         if_match = parse_if_match(req.header("if-match"))
         stored, created = s.update(resource, rid, if_match=if_match)
-        status = 201 if stored.version == 1 else 200
+        status = 201 if created or stored.version == 1 else 200
         return self._resource_response(status, stored, req, s.ctx, location=True,
                                        issues=warnings)
 
