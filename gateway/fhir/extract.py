@@ -32,7 +32,7 @@ class IndexRows:
     reference: list[tuple[str, str | None, str | None, str | None]] = field(
         default_factory=list
     )  # param, target_type, target_id, target_url
-    string: list[tuple[str, str]] = field(default_factory=list)  # param, normalized value
+    string: list[tuple[str, str, str]] = field(default_factory=list)  # param, normalized, exact
     date: list[tuple[str, int, int]] = field(default_factory=list)  # param, low, high
     uri: list[tuple[str, str]] = field(default_factory=list)  # param, value
 
@@ -130,7 +130,7 @@ def extract(resource: dict[str, Any], base_url: str | None = None) -> IndexRows:
                     for s in _strings(value):
                         n = normalize_string(s)
                         if n:
-                            rows.string.append((name, n))
+                            rows.string.append((name, n, s[:MAX_STRING]))
                 elif sp.type == DATE:
                     for low, high in _dates(value):
                         rows.date.append((name, low, high))

@@ -80,11 +80,28 @@ def response_format(accept: str | None, format_param: str | None) -> str:
                         "use application/fhir+json or application/fhir+xml", "Accept")
 
 
+MAX_DEPTH = 100  # far deeper than any real resource; keeps recursive walkers off the stack limit
+
+
+def _check_depth(data: Any) -> None:
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ParseError(f"The body nests objects and arrays more than {MAX_DEPTH} levels "
+                             "deep; no FHIR resource needs that")
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+
+
 def parse_json(body: bytes) -> Any:
     try:
-        return orjson.loads(body)
+        data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ParseError(f"The body is not valid JSON: {exc}") from exc
+    if isinstance(data, (dict, list)):
+        _check_depth(data)
+    return data
 
 
 def parse_body(body: bytes, fmt: str) -> dict[str, Any]:
@@ -107,6 +124,13 @@ def xml_to_dict(body: bytes) -> dict[str, Any]:
         root = etree.fromstring(body, parser=_PARSER)
     except etree.XMLSyntaxError as exc:
         raise ParseError(f"The body is not well-formed XML: {exc}") from exc
+    stack = [(root, 1)]
+    while stack:  # the models recurse per level: refuse absurd nesting before they run
+        el, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ParseError(f"The body nests elements more than {MAX_DEPTH} levels deep; "
+                             "no FHIR resource needs that")
+        stack.extend((child, depth + 1) for child in el)
     qname = etree.QName(root)
     if qname.namespace != "http://hl7.org/fhir":
         raise ParseError(f"The XML root <{qname.localname}> is not in the FHIR namespace "

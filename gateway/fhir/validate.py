@@ -136,6 +136,26 @@ def clean_references(node: Any, path: str) -> list[Issue]:
     return warnings
 
 
+def _nul_issues(node: Any, path: str) -> list[Issue]:
+    """Text containing U+0000: not FHIR text, and PostgreSQL cannot store it (so both
+    databases reject it alike)."""
+    if isinstance(node, str):
+        return [Issue("error", "invalid", f"{path} contains a NUL character (U+0000), which "
+                      "FHIR text may not contain", [path], "3001")] if "\x00" in node else []
+    if isinstance(node, dict):
+        out: list[Issue] = []
+        for k, v in node.items():
+            if "\x00" in k:
+                out.append(Issue("error", "structure", f"{path} has an element name containing "
+                                 "a NUL character (U+0000)", [path], "3001"))
+            else:
+                out += _nul_issues(v, f"{path}.{k}")
+        return out
+    if isinstance(node, list):
+        return [i for n, v in enumerate(node) for i in _nul_issues(v, f"{path}[{n}]")]
+    return []
+
+
 def validate_structure(resource: dict[str, Any]) -> None:
     """Raise Unprocessable listing every structural issue of ``resource``."""
     rtype = resource.get("resourceType")
@@ -148,6 +168,7 @@ def validate_structure(resource: dict[str, Any]) -> None:
         cls.model_validate(resource)
     except (ValidationError, ValueError, TypeError) as exc:
         issues += issues_from_exception(exc, str(rtype))
+    issues += _nul_issues(resource, str(rtype))
     for (t, element), allowed in REQUIRED_CODES.items():
         if t != rtype or element not in resource:
             continue

@@ -101,7 +101,7 @@ class FhirService:
     # -- entry point -----------------------------------------------------------------------
     def handle(self, req: FhirRequest, ctx: Context) -> FhirResponse:
         parts = [p for p in req.path.strip("/").split("/") if p]
-        if req.method == "GET" and parts == ["metadata"]:
+        if req.method in READ_METHODS and parts == ["metadata"]:
             return FhirResponse(200, capability_statement(ctx.base_url or "", self.started))
         if not parts and req.method == "POST":
             return self.bundle(req, ctx)
@@ -117,6 +117,10 @@ class FhirService:
                                    "(POST a batch or transaction Bundle)")
         if parts == ["_history"] and m in READ_METHODS:
             return self.history(s, req, None, None)
+        if parts == ["metadata"] and m in READ_METHODS:  # e.g. a GET entry of a batch
+            return FhirResponse(200, capability_statement(s.ctx.base_url or "", self.started))
+        if parts in (["_history"], ["metadata"]):
+            raise MethodNotAllowed(f"{m} /{parts[0]} is not supported (only GET)")
         rtype = parts[0]
         _check_type(rtype)
         if len(parts) == 1:
@@ -131,6 +135,9 @@ class FhirService:
             return self.search(s, req, rtype)
         if len(parts) == 2 and parts[1] == "_history" and m in READ_METHODS:
             return self.history(s, req, rtype, None)
+        if len(parts) == 2 and parts[1] in ("_history", "_search"):
+            raise MethodNotAllowed(f"{m} /{rtype}/{parts[1]} is not a FHIR interaction refgw "
+                                   "offers", rtype)
         rid = parts[1]
         _check_id(rid)
         if len(parts) == 2:
@@ -389,7 +396,7 @@ class FhirService:
                              "lastModified": format_instant(v.last_updated)}
             entries.append(e)
         links = [{"relation": "self", "url": f"{base}/{path}"}]
-        if more:
+        if more and count > 0:  # _count=0 asks for no entries: a next link would not advance
             keep = [(k, v) for k, v in req.params if k != "_offset"]
             links.append({"relation": "next", "url": f"{base}/{path}?" + urlencode(
                 keep + [("_offset", str(offset + count))])})
@@ -443,6 +450,7 @@ class FhirService:
         responses: dict[int, dict[str, Any]] = {}
         with self.store.session(ctx, write=True) as s:
             idmap = self._assign_ids(s, parsed)
+            _check_overlap(parsed, idmap)
             for entry in parsed:
                 try:
                     _rewrite_references(entry, idmap, s)
@@ -456,7 +464,7 @@ class FhirService:
                     else:
                         resp = self.dispatch(s, entry.req, entry.parts)
                 except GatewayError as err:
-                    raise err.prefixed(f"Bundle.entry[{entry.index}]") from err
+                    raise _in_entry(err, entry) from err
                 responses[entry.index] = _response_entry(resp, ctx)
         return FhirResponse(200, {
             "resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "transaction-response",
@@ -582,6 +590,59 @@ def _entry_request(entry: Any, i: int, headers: dict[str, str], base_url: str | 
         return _Entry(i, FhirRequest(method, "/".join(parts), params, h, body), parts, full_url)
     except GatewayError as err:
         return _Entry(i, FhirRequest("GET", ""), [], None, error=err)
+
+
+def _check_overlap(parsed: list[_Entry], idmap: dict[str, str]) -> None:
+    """A transaction may not name one fullUrl twice, nor write one resource twice (FHIR R4
+    transaction rules: overlapping identities in DELETE/POST/PUT/PATCH fail the transaction)."""
+    urls: dict[str, int] = {}
+    written: dict[str, int] = {}
+    for e in parsed:
+        if e.full_url:
+            if e.full_url in urls:
+                raise BadRequest(f"Bundle.entry[{e.index}] has the same fullUrl {e.full_url!r} "
+                                 f"as Bundle.entry[{urls[e.full_url]}]; each entry needs its "
+                                 "own", f"Bundle.entry[{e.index}].fullUrl")
+            urls[e.full_url] = e.index
+        ident = None
+        if e.req.method in ("PUT", "PATCH", "DELETE") and len(e.parts) == 2:
+            ident = "/".join(e.parts)
+        elif e.req.method == "PUT" and e.full_url in idmap:
+            ident = idmap[e.full_url]
+        if ident is None:
+            continue
+        if ident in written:
+            raise BadRequest(f"Bundle.entry[{e.index}] and Bundle.entry[{written[ident]}] both "
+                             f"change {ident}; a transaction may change a resource only once",
+                             f"Bundle.entry[{e.index}].request.url")
+        written[ident] = e.index
+
+
+_ENTRY_EXPR = {"resourceType": "resource.resourceType", "If-Match": "request.ifMatch",
+               "If-None-Exist": "request.ifNoneExist", "If-None-Match": "request.ifNoneMatch",
+               "If-Modified-Since": "request.ifModifiedSince"}
+
+
+def _in_entry(err: GatewayError, entry: _Entry) -> GatewayError:
+    """``err`` with its expressions placed in the Bundle entry: an expression rooted at the
+    resource (``Task.status``) becomes ``Bundle.entry[3].resource.status``, a header
+    (``If-Match``) becomes ``Bundle.entry[3].request.ifMatch``."""
+    where = f"Bundle.entry[{entry.index}]"
+    rtype = entry.parts[0] if entry.parts else None
+    issues = []
+    for i in err.issues:
+        exprs = []
+        for e in i.expression or [""]:
+            if rtype and e.startswith((rtype + ".", rtype + "[")):
+                exprs.append(f"{where}.resource{e[len(rtype):]}")
+            elif e in _ENTRY_EXPR:
+                exprs.append(f"{where}.{_ENTRY_EXPR[e]}")
+            else:
+                exprs.append(f"{where}.{e}" if e else where)
+        issues.append(Issue(i.severity, i.code, i.diagnostics, exprs, i.refgw_code))
+    out = err.__class__.__new__(err.__class__)
+    GatewayError.__init__(out, issues=issues, headers=err.headers)
+    return out
 
 
 def _rewrite_references(entry: _Entry, idmap: dict[str, str], s: Session) -> None:

@@ -39,8 +39,10 @@ resources = Table(
     Column("last_updated", BigInteger, nullable=False),
     Column("deleted", Boolean, nullable=False, default=False),
     Column("body", BODY, nullable=True),
+    Column("author_org", String(128), nullable=True),  # who created it (migration 0002)
     UniqueConstraint("res_type", "fhir_id", name="uq_resources_type_id"),
     Index("ix_resources_type_lu", "res_type", "last_updated", "rid"),
+    Index("ix_resources_type_author", "res_type", "author_org"),
 )
 
 resource_history = Table(
@@ -91,6 +93,7 @@ sp_string = Table(
     Column("res_type", String(64), nullable=False),
     Column("param", String(64), nullable=False),
     Column("value", String(200), nullable=False),
+    Column("exact", String(200), nullable=True),  # original text, for :exact (migration 0002)
     Index("ix_sp_string_lookup", "res_type", "param", "value",
           postgresql_ops={"value": "varchar_pattern_ops"}),
     Index("ix_sp_string_rid", "rid"),
@@ -127,3 +130,38 @@ INDEX_TABLES = {
     "date": sp_date,
     "uri": sp_uri,
 }
+
+# -- auth (migration 0002) ------------------------------------------------------------------
+
+auth_clients = Table(
+    "auth_clients",
+    metadata,
+    Column("client_id", String(128), primary_key=True),
+    Column("organization", String(128), nullable=True),  # "Organization/<id>"
+    Column("jwks", JSON, nullable=True),
+    Column("jwks_uri", String(1024), nullable=True),
+    Column("scope", String(4000), nullable=False),
+    Column("active", Boolean, nullable=False),
+    Column("platform", Boolean, nullable=False),
+    Column("created", BigInteger, nullable=False),
+)
+
+auth_signing_keys = Table(
+    "auth_signing_keys",
+    metadata,
+    Column("kid", String(64), primary_key=True),
+    Column("alg", String(16), nullable=False),
+    Column("private_jwk", JSON, nullable=False),
+    Column("public_jwk", JSON, nullable=False),
+    Column("created", BigInteger, nullable=False),
+    Column("retired", BigInteger, nullable=True),
+)
+
+auth_jti = Table(
+    "auth_jti",
+    metadata,
+    Column("client_id", String(128), primary_key=True),
+    Column("jti", String(256), primary_key=True),
+    Column("expires", BigInteger, nullable=False),
+    Index("ix_auth_jti_expires", "expires"),
+)

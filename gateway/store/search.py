@@ -132,6 +132,9 @@ class QueryBuilder:
         q = SearchQuery(self.res_type, count=default_count)
         for raw_name, value in params:
             name = raw_name.strip()
+            if "\x00" in value:  # PostgreSQL cannot compare text with NUL; no value holds one
+                raise BadRequest(f"The value of the search parameter {name!r} contains a NUL "
+                                 "character (%00)", name)
             if name in CONTROL or name.split(":")[0] in ("_include", "_revinclude"):
                 self._control(q, name, value, max_count)
                 continue
@@ -307,7 +310,8 @@ class QueryBuilder:
         if "/" not in value:
             if not ID_RE.match(value):
                 raise BadRequest(f"{value!r} is not a valid id or reference", name)
-            conds = [table.c.target_id == value]
+            # local references only: an absolute URL of another server has target_url set
+            conds = [table.c.target_id == value, table.c.target_url.is_(None)]
             target = type_mod or (sp.targets[0] if len(sp.targets) == 1 else None)
             if target:
                 conds.append(table.c.target_type == target)
@@ -320,12 +324,13 @@ class QueryBuilder:
             return table.c.target_url == ref.url
         if type_mod and ref.type != type_mod:
             return false()
-        return and_(table.c.target_type == ref.type, table.c.target_id == ref.id)
+        return and_(table.c.target_type == ref.type, table.c.target_id == ref.id,
+                    table.c.target_url.is_(None))
 
     def _string_cond(self, table, value: str, modifier: str) -> ColumnElement[bool]:
         norm = normalize_string(value)
-        if modifier == "exact":
-            return table.c.value == norm
+        if modifier == "exact":  # case- and accent-sensitive, on the original text
+            return and_(table.c.value == norm, table.c.exact == value)
         if modifier == "contains":
             return table.c.value.like("%" + _escape_like(norm) + "%", escape="\\")
         return table.c.value.like(_escape_like(norm) + "%", escape="\\")
@@ -379,7 +384,8 @@ class QueryBuilder:
             .join(inner, and_(inner.c.res_type == ref.c.target_type,
                               inner.c.fhir_id == ref.c.target_id))
             .where(ref.c.res_type == res_type, ref.c.param == sp.name,
-                   ref.c.target_type == target, inner.c.deleted == false(), inner_cond)
+                   ref.c.target_type == target, ref.c.target_url.is_(None),
+                   inner.c.deleted == false(), inner_cond)
         )
         return rid.in_(sub)
 

@@ -1,0 +1,153 @@
+"""The client registry: who may ask for tokens, for which organization, with which keys.
+
+A client is a machine acting for one Organization (an EHR, a school program, a CBO's app) and
+registers a JWKS inline or by URL (SMART: servers SHALL accept both). A *platform* client is
+bound to refgw itself and may see everything (operators, the admin CLI).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from joserfc.jwk import ECKey, RSAKey
+from sqlalchemy import Engine, insert, select, update
+
+from gateway.auth.scopes import parse_scopes
+from gateway.store.schema import auth_clients
+
+JWKS_MIN_TTL = 60
+JWKS_MAX_TTL = 3600
+JWKS_REFETCH_INTERVAL = 10  # at most one forced refetch per client per this many seconds
+JWKS_MAX_BYTES = 256 * 1024
+
+
+class ClientError(ValueError):
+    """Invalid client registration."""
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    client_id: str
+    organization: str | None
+    jwks: dict[str, Any] | None
+    jwks_uri: str | None
+    scope: str
+    active: bool
+    platform: bool
+
+
+def _check_jwks(jwks: Any) -> dict[str, Any]:
+    if not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list) or not jwks["keys"]:
+        raise ClientError("a JWKS is a JSON object with a non-empty 'keys' list")
+    for k in jwks["keys"]:
+        if not isinstance(k, dict) or k.get("kty") not in ("RSA", "EC") or not k.get("kid"):
+            raise ClientError("every key needs kty RSA or EC and a kid")
+        if any(p in k for p in ("d", "p", "q", "dp", "dq", "qi")):
+            raise ClientError(f"key {k.get('kid')!r} contains private parts: register the "
+                              "public key only")
+        try:
+            (RSAKey if k["kty"] == "RSA" else ECKey).import_key(k)
+        except Exception as exc:
+            raise ClientError(f"key {k.get('kid')!r} cannot be read: {exc}") from exc
+    return {"keys": jwks["keys"]}
+
+
+class ClientRegistry:
+    def __init__(self, engine: Engine, http: httpx.Client | None = None) -> None:
+        self.engine = engine
+        self.http = http or httpx.Client(timeout=5.0, follow_redirects=False)
+        self._cache: dict[str, tuple[float, dict[str, Any]]] = {}  # uri -> (expires, jwks)
+        self._last_forced: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    # -- registration ----------------------------------------------------------------------
+    def add(self, client_id: str, *, organization: str | None, scope: str,
+            jwks: dict[str, Any] | None = None, jwks_uri: str | None = None,
+            platform: bool = False) -> Client:
+        if not client_id or len(client_id) > 128:
+            raise ClientError("client_id must be 1-128 characters")
+        if (jwks is None) == (jwks_uri is None):
+            raise ClientError("give exactly one of a JWKS or a JWKS URL")
+        if jwks is not None:
+            jwks = _check_jwks(jwks)
+        if jwks_uri is not None and not jwks_uri.startswith(("https://", "http://")):
+            raise ClientError("the JWKS URL must be http(s)")
+        if not platform and (not organization or not organization.startswith("Organization/")):
+            raise ClientError("a client acts for an Organization: --org Organization/ID")
+        parse_scopes(scope)  # raises on malformed scopes
+        with self.engine.begin() as conn:
+            if conn.execute(select(auth_clients.c.client_id).where(
+                    auth_clients.c.client_id == client_id)).first():
+                raise ClientError(f"client {client_id!r} already exists")
+            conn.execute(insert(auth_clients).values(
+                client_id=client_id, organization=organization, jwks=jwks, jwks_uri=jwks_uri,
+                scope=scope, active=True, platform=platform, created=int(time.time())))
+        return Client(client_id, organization, jwks, jwks_uri, scope, True, platform)
+
+    def set_active(self, client_id: str, active: bool) -> None:
+        with self.engine.begin() as conn:
+            n = conn.execute(update(auth_clients).where(
+                auth_clients.c.client_id == client_id).values(active=active)).rowcount
+        if not n:
+            raise ClientError(f"no client {client_id!r}")
+
+    def get(self, client_id: str) -> Client | None:
+        with self.engine.connect() as conn:
+            r = conn.execute(select(auth_clients).where(
+                auth_clients.c.client_id == client_id)).first()
+        if r is None:
+            return None
+        return Client(r.client_id, r.organization, r.jwks, r.jwks_uri, r.scope, r.active,
+                      r.platform)
+
+    def all(self) -> list[Client]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(auth_clients).order_by(auth_clients.c.client_id)).all()
+        return [Client(r.client_id, r.organization, r.jwks, r.jwks_uri, r.scope, r.active,
+                       r.platform) for r in rows]
+
+    # -- keys ------------------------------------------------------------------------------
+    def keys_for(self, client: Client, *, refetch: bool = False) -> list[dict[str, Any]]:
+        """The client's public JWKs (fetched from its URL and cached, when it has one)."""
+        if client.jwks is not None:
+            return list(client.jwks["keys"])
+        assert client.jwks_uri
+        uri = client.jwks_uri
+        now = time.monotonic()
+        with self._lock:
+            cached = self._cache.get(uri)
+            if refetch and now - self._last_forced.get(uri, 0) < JWKS_REFETCH_INTERVAL:
+                refetch = False  # bounded: do not let unknown kids hammer the partner
+            if cached and cached[0] > now and not refetch:
+                return list(cached[1]["keys"])
+            if refetch:
+                self._last_forced[uri] = now
+        try:
+            resp = self.http.get(uri, headers={"Accept": "application/json"})
+            resp.raise_for_status()
+            if len(resp.content) > JWKS_MAX_BYTES:
+                raise ClientError("JWKS too large")
+            jwks = _check_jwks(resp.json())
+        except Exception:
+            if cached:  # keep using the last good set while the partner is down
+                return list(cached[1]["keys"])
+            return []
+        ttl = JWKS_MIN_TTL * 5
+        cc = resp.headers.get("cache-control", "")
+        for part in cc.split(","):
+            part = part.strip()
+            if part.startswith("max-age="):
+                try:
+                    ttl = int(part[8:])
+                except ValueError:
+                    pass
+            if part in ("no-store", "no-cache"):
+                ttl = 0
+        ttl = max(0, min(ttl, JWKS_MAX_TTL))
+        with self._lock:
+            self._cache[uri] = (now + ttl, jwks)
+        return list(jwks["keys"])

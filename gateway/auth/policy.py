@@ -1,0 +1,289 @@
+"""Per-organization access control: SMART scopes intersected with organization compartments.
+
+The repository calls this policy for every interaction (``authorize``), every read and search
+(``visible``: an SQL condition, so paging and totals stay exact and includes never leak) and
+every write (``check_write``). Handlers never check permissions.
+
+Compartments (caller = a client acting for Organization O):
+
+- **Task**: visible when O is its ``requester`` or ``owner`` (directly, or through a
+  PractitionerRole of O as requester), or O created it; unassigned ``requested`` Tasks are also
+  visible to callers whose scopes allow updating Tasks, so that they can claim them.
+- **ServiceRequest**: visible when O is its requester or performer, or created it, or it is the
+  focus / basis of a Task visible to O.
+- **Everything a visible referral points at** (Patient, Consent, Condition, Procedure …; every
+  reference of a Task or ServiceRequest is indexed under the hidden parameter ``_ref``) and
+  everything O created.
+- **Directory** resources (Organization, Location, HealthcareService, Endpoint, Practitioner,
+  PractitionerRole) are visible to every authenticated caller; writable by their own org.
+- **AuditEvent**: platform only. **Subscription**: its creator only.
+- A platform client (bound to refgw itself) sees and may change everything its scopes allow.
+
+A resource outside the compartment answers 404, like one that does not exist.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import ColumnElement, Table, and_, false, or_, select, true, union
+
+from gateway.auth.scopes import INTERACTION_LETTER, Scope, granting
+from gateway.errors import Forbidden, NotFound
+from gateway.store.schema import sp_reference, sp_token
+
+if TYPE_CHECKING:
+    from gateway.store.repository import Session, Stored
+
+DIRECTORY = {"Organization", "Location", "HealthcareService", "Endpoint", "Practitioner",
+             "PractitionerRole"}
+REFERRAL = {"Task", "ServiceRequest"}
+#: Elements of a Task its owner may change (everything else is the requester's).
+OWNER_MUTABLE = {"status", "statusReason", "businessStatus", "output", "meta", "lastModified"}
+#: What a claim may change besides those.
+CLAIM_MUTABLE = OWNER_MUTABLE | {"owner"}
+
+
+def _org_id(reference: str | None) -> str | None:
+    if reference and reference.startswith("Organization/"):
+        return reference.split("/", 1)[1]
+    return None
+
+
+def _ref(resource: dict[str, Any] | None, element: str) -> str | None:
+    value = (resource or {}).get(element)
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if isinstance(value, dict) and isinstance(value.get("reference"), str):
+        return value["reference"]
+    return None
+
+
+def _refs(resource: dict[str, Any] | None, element: str) -> list[str]:
+    value = (resource or {}).get(element)
+    items = value if isinstance(value, list) else [value]
+    return [v["reference"] for v in items
+            if isinstance(v, dict) and isinstance(v.get("reference"), str)]
+
+
+def changed_elements(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Top-level elements whose values differ (ignoring id and meta)."""
+    keys = (set(old) | set(new)) - {"id", "meta", "resourceType"}
+    return sorted(k for k in keys if old.get(k) != new.get(k))
+
+
+class OrgPolicy:
+    """Access for one caller: its organization, its granted scopes, platform or not."""
+
+    def __init__(self, organization: str | None, scopes: list[Scope] | tuple[Scope, ...],
+                 platform: bool = False) -> None:
+        self.organization = organization
+        self.org_id = _org_id(organization)
+        self.scopes = list(scopes)
+        self.platform = platform
+
+    # -- scopes ----------------------------------------------------------------------------
+    def authorize(self, interaction: str, res_type: str | None) -> None:
+        letter = INTERACTION_LETTER.get(interaction)
+        if letter is None:
+            return
+        if res_type is None:  # system-level history: any search scope on "*"
+            if not granting(self.scopes, "*", letter) and not self.platform:
+                raise Forbidden("System history needs a system/*.s scope")
+            return
+        if not granting(self.scopes, res_type, letter):
+            raise Forbidden(
+                f"The access token has no scope that allows {interaction} on {res_type} "
+                f"(it needs e.g. system/{res_type}.{letter})")
+
+    def _scope_filter(self, res_type: str) -> ColumnElement[bool]:
+        """OR of the query constraints of the scopes that allow reading or searching."""
+        from gateway.store.search import QueryBuilder
+
+        readers = [s for s in self.scopes
+                   if s.context == "system" and s.covers_type(res_type)
+                   and s.letters & {"r", "s"}]
+        if not readers:
+            return false()
+        conds = []
+        for s in readers:
+            if not s.query:
+                return true()
+            qb = QueryBuilder(res_type)
+            conds.append(and_(*[qb.condition(res_type, k, v) for k, v in s.query]))
+        return or_(*conds)
+
+    # -- compartments ----------------------------------------------------------------------
+    def _refs_to_org(self, res_type: str, params: tuple[str, ...]):
+        r = sp_reference
+        return select(r.c.rid).where(r.c.res_type == res_type, r.c.param.in_(params),
+                                     r.c.target_type == "Organization",
+                                     r.c.target_id == self.org_id)
+
+    def _roles_of_org(self, resources: Table):
+        r = sp_reference
+        return select(resources.c.fhir_id).where(
+            resources.c.res_type == "PractitionerRole",
+            resources.c.rid.in_(select(r.c.rid).where(
+                r.c.res_type == "PractitionerRole", r.c.param == "organization",
+                r.c.target_type == "Organization", r.c.target_id == self.org_id)))
+
+    def _task_rids(self, resources: Table):
+        r = sp_reference
+        parts = [
+            self._refs_to_org("Task", ("owner", "requester")),
+            select(r.c.rid).where(r.c.res_type == "Task", r.c.param == "requester",
+                                  r.c.target_type == "PractitionerRole",
+                                  r.c.target_id.in_(self._roles_of_org(resources))),
+            select(resources.c.rid).where(resources.c.res_type == "Task",
+                                          resources.c.author_org == self.organization),
+        ]
+        if granting(self.scopes, "Task", "u"):
+            owned = select(r.c.rid).where(r.c.res_type == "Task", r.c.param == "owner")
+            parts.append(select(sp_token.c.rid).where(
+                sp_token.c.res_type == "Task", sp_token.c.param == "status",
+                sp_token.c.code == "requested", sp_token.c.rid.not_in(owned)))
+        return union(*parts)
+
+    def _sr_rids(self, resources: Table):
+        r = sp_reference
+        sr = resources.alias("sr_vis")
+        return union(
+            self._refs_to_org("ServiceRequest", ("requester", "performer")),
+            select(r.c.rid).where(r.c.res_type == "ServiceRequest", r.c.param == "requester",
+                                  r.c.target_type == "PractitionerRole",
+                                  r.c.target_id.in_(self._roles_of_org(resources))),
+            select(resources.c.rid).where(resources.c.res_type == "ServiceRequest",
+                                          resources.c.author_org == self.organization),
+            select(sr.c.rid).join(r, and_(r.c.target_type == "ServiceRequest",
+                                          r.c.target_id == sr.c.fhir_id))
+            .where(sr.c.res_type == "ServiceRequest", r.c.res_type == "Task",
+                   r.c.param.in_(("focus", "based-on")),
+                   r.c.rid.in_(self._task_rids(resources))),
+        )
+
+    def visible(self, res_type: str, resources: Table) -> ColumnElement[bool] | None:
+        scope_cond = self._scope_filter(res_type)
+        if self.platform:
+            return None if scope_cond is true() else scope_cond
+        if self.org_id is None or res_type == "AuditEvent":
+            return false()
+        if res_type in DIRECTORY:
+            compartment: ColumnElement[bool] = true()
+        elif res_type == "Task":
+            compartment = resources.c.rid.in_(self._task_rids(resources))
+        elif res_type == "ServiceRequest":
+            compartment = resources.c.rid.in_(self._sr_rids(resources))
+        elif res_type == "Subscription":
+            compartment = resources.c.author_org == self.organization
+        else:
+            r = sp_reference
+            referral_rids = union(self._task_rids(resources), self._sr_rids(resources))
+            compartment = or_(
+                resources.c.author_org == self.organization,
+                resources.c.fhir_id.in_(select(r.c.target_id).where(
+                    r.c.param == "_ref", r.c.target_type == res_type,
+                    r.c.rid.in_(referral_rids))),
+            )
+        if scope_cond is true():
+            return compartment
+        return and_(compartment, scope_cond)
+
+    # -- writes ----------------------------------------------------------------------------
+    def _is_mine(self, reference: str | None, session: Session) -> bool:
+        if reference is None or self.org_id is None:
+            return False
+        if reference == self.organization:
+            return True
+        if reference.startswith("PractitionerRole/"):
+            role = session.peek("PractitionerRole", reference.split("/", 1)[1])
+            return role is not None and _ref(role.body, "organization") == self.organization
+        return False
+
+    def check_write(self, session: Session, interaction: str, res_type: str,
+                    old: Stored | None, new: dict[str, Any] | None) -> None:
+        if self.platform:
+            return
+        if self.org_id is None:
+            raise Forbidden("The client is not bound to an organization")
+        if interaction == "create":
+            self._check_create(session, res_type, new or {})
+        elif interaction in ("update", "patch"):
+            assert old is not None and new is not None
+            self._check_update(session, res_type, old, new)
+        elif interaction == "delete":
+            assert old is not None
+            if old.author_org == self.organization:
+                return
+            if res_type in REFERRAL and self._is_mine(_ref(old.body, "requester"), session):
+                return
+            raise Forbidden(f"Only the organization that created {res_type}/{old.id} (or the "
+                            "referral's requester) may delete it", f"{res_type}")
+
+    def _directory_owner(self, res_type: str, body: dict[str, Any], rid: str | None) -> bool:
+        if res_type == "Organization":
+            return rid is not None and rid == self.org_id
+        element = {"HealthcareService": "providedBy", "Location": "managingOrganization",
+                   "Endpoint": "managingOrganization", "PractitionerRole": "organization"}.get(
+            res_type)
+        return element is not None and _ref(body, element) == self.organization
+
+    def _check_create(self, session: Session, res_type: str, new: dict[str, Any]) -> None:
+        if res_type in REFERRAL:
+            if not self._is_mine(_ref(new, "requester"), session):
+                raise Forbidden(
+                    f"{res_type}.requester must be your organization ({self.organization}) or "
+                    "one of its PractitionerRoles: a client may only create referrals it makes",
+                    f"{res_type}.requester")
+        elif res_type in DIRECTORY and res_type != "Practitioner":
+            if not self._directory_owner(res_type, new, new.get("id")):
+                raise Forbidden(f"Only the platform or the organization it belongs to may "
+                                f"create this {res_type}", res_type)
+        elif res_type == "AuditEvent":
+            raise Forbidden("AuditEvents are written by refgw itself", "AuditEvent")
+
+    def _check_update(self, session: Session, res_type: str, old: Stored,
+                      new: dict[str, Any]) -> None:
+        body = old.body or {}
+        if res_type == "Task":
+            if self._is_mine(_ref(body, "requester"), session) or \
+                    old.author_org == self.organization:
+                return
+            changed = changed_elements(body, new)
+            owner = _ref(body, "owner")
+            if owner is None and _ref(new, "owner") == self.organization:
+                allowed = CLAIM_MUTABLE
+                who = "claiming an unassigned Task"
+            elif owner == self.organization:
+                allowed = OWNER_MUTABLE
+                who = "the Task's owner"
+            else:
+                raise Forbidden(f"Only the Task's requester or owner may change Task/{old.id}",
+                                "Task")
+            bad = [c for c in changed if c not in allowed]
+            if bad:
+                raise Forbidden(
+                    f"As {who} you may change only status, statusReason, businessStatus and "
+                    f"output; this update also changes {', '.join('Task.' + b for b in bad)}",
+                    [f"Task.{b}" for b in bad])
+            return
+        if res_type == "ServiceRequest":
+            if self._is_mine(_ref(body, "requester"), session) or \
+                    old.author_org == self.organization:
+                return
+            raise Forbidden(f"Only the requester may change ServiceRequest/{old.id}",
+                            "ServiceRequest")
+        if res_type in DIRECTORY and res_type != "Practitioner":
+            if self._directory_owner(res_type, body, old.id) and \
+                    self._directory_owner(res_type, new, old.id):
+                return
+            raise Forbidden(f"Only the platform or its own organization may change "
+                            f"{res_type}/{old.id}", res_type)
+        if old.author_org == self.organization:
+            return
+        raise Forbidden(f"Only the organization that created {res_type}/{old.id} may change it",
+                        res_type)
+
+    def allow_update_as_create(self) -> None:
+        if not self.platform:
+            raise NotFound("No such resource; create new resources with POST")
