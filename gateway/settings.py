@@ -38,6 +38,29 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1)
     log_level: str = "info"
 
+    # -- auth (SMART Backend Services) ---------------------------------------------------
+    auth_disabled: bool = Field(
+        default=False,
+        description="Serve without access tokens (every caller sees everything). Only for "
+        "local experiments: the server warns at every start and /metadata says so.",
+    )
+    platform_organization: str = Field(
+        default="Organization/refgw-platform",
+        description="The Organization that stands for refgw itself (the Coordination Platform)",
+    )
+    external_issuer: str | None = Field(
+        default=None, description="Also trust access tokens from this identity provider (iss)")
+    external_jwks_url: str | None = Field(
+        default=None, description="JWKS URL of the external identity provider")
+    external_org_claim: str = Field(
+        default="organization",
+        description="Claim of an external token that names the caller's Organization")
+    external_audience: str | None = Field(
+        default=None, description="Required aud of external tokens (unset: not checked)")
+    demo_keys_dir: str = Field(
+        default=str(DEFAULT_VAR_DIR / "keys"),
+        description="Where `refgw serve` writes the demo clients' generated private keys")
+
     @field_validator("database_url")
     @classmethod
     def _normalise_driver(cls, v: str) -> str:

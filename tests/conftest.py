@@ -69,8 +69,9 @@ def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[Store]:
 
 @pytest.fixture
 def settings(store: Store) -> Settings:
+    # The API semantics suite runs with auth off; tests/test_auth*.py run with it on.
     return Settings(database_url=str(store.engine.url.render_as_string(hide_password=False)),
-                    load_demo=False, base_url=None)
+                    load_demo=False, base_url=None, auth_disabled=True)
 
 
 @pytest.fixture

@@ -207,7 +207,8 @@ def test_unknown_search_parameter_is_400(client):
 # -- size, media types -----------------------------------------------------------------------
 def test_body_over_the_limit_is_413(store):
     small = Settings(database_url=store.engine.url.render_as_string(hide_password=False),
-                     load_demo=False, base_url=None, max_body_bytes=2048)
+                     load_demo=False, base_url=None, max_body_bytes=2048,
+                     auth_disabled=True)
     with TestClient(create_app(small, store=store), base_url=BASE) as c:
         big = {**TASK, "description": "x" * 4000}
         assert_outcome(c.post("/Task", json=big, headers=fhir_json()), 413, "too-costly")

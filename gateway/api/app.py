@@ -29,6 +29,11 @@ from gateway.errors import (
     outcome,
 )
 from gateway.fhir import formats
+from gateway.api.auth import install_auth_routes, request_context
+from gateway.auth.audit import AuditWriter
+from gateway.auth.clients import ClientRegistry
+from gateway.auth.keys import SigningKeys
+from gateway.auth.server import AuthServer, ExternalIdP
 from gateway.service.rest import FhirRequest, FhirResponse, FhirService
 from gateway.settings import Settings
 from gateway.store.policy import Context
@@ -88,18 +93,30 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                           default_page_size=settings.default_page_size,
                           max_page_size=settings.max_page_size)
         app.state.store = store
-        app.state.service = FhirService(store, max_bundle_entries=settings.max_bundle_entries)
+        app.state.service = FhirService(store, max_bundle_entries=settings.max_bundle_entries,
+                                        auth_disabled=settings.auth_disabled)
+        keys = SigningKeys(store.engine)
+        await run_in_threadpool(keys.ensure)
+        external = None
+        if settings.external_issuer and settings.external_jwks_url:
+            external = ExternalIdP(settings.external_issuer, settings.external_jwks_url,
+                                   settings.external_org_claim, settings.external_audience)
+        app.state.auth = AuthServer(keys, ClientRegistry(store.engine), external=external)
+        app.state.audit = AuditWriter(store)
+        if settings.auth_disabled:
+            log.warning("AUTH IS DISABLED (REFGW_AUTH_DISABLED=true): every caller can read "
+                        "and change every resource. Never run this with real data.")
         yield
+        await run_in_threadpool(app.state.audit.close)
         if own_store:
             store.dispose()
 
     app = FastAPI(title="refgw", version=__version__, lifespan=lifespan,
                   description="Referral interoperability gateway (FHIR R4 Coordination "
-                              "Platform). FHIR endpoints follow the FHIR RESTful API.")
+                              "Platform). FHIR endpoints follow the FHIR RESTful API; "
+                              "they need an access token from /auth/token (SMART Backend "
+                              "Services).")
     app.state.settings = settings
-    if store is not None:
-        app.state.store = store
-        app.state.service = FhirService(store, max_bundle_entries=settings.max_bundle_entries)
 
     @app.middleware("http")
     async def access_log(request: Request, call_next: Any) -> Response:
@@ -122,10 +139,15 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         except GatewayError as err:
             return _error_response(err)
         try:
+            path = request.url.path[len(request.scope.get("root_path", "")):]
+            base = _base_url(settings, request)
+            if path.strip("/") == "metadata":
+                ctx = Context(base_url=base)  # the CapabilityStatement is public
+            else:  # authenticate before reading or parsing any body
+                ctx = await run_in_threadpool(request_context, request, base)
             body_bytes = b""
             if request.method in ("POST", "PUT", "PATCH"):
                 body_bytes = await _read_body(request, settings.max_body_bytes)
-            path = request.url.path[len(request.scope.get("root_path", "")):]
             body: Any = None
             ctype = request.headers.get("content-type")
             if request.method == "POST" and path.endswith("/_search"):
@@ -148,7 +170,6 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                                           formats.body_format(ctype, body_bytes))
             headers = {k.lower(): v for k, v in request.headers.items()}
             req = FhirRequest(request.method, path, params, headers, body)
-            ctx = Context(base_url=_base_url(settings, request))
             service: FhirService = request.app.state.service
             resp: FhirResponse = await run_in_threadpool(service.handle, req, ctx)
         except GatewayError as err:
@@ -173,6 +194,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                 "error", "transient", "The database is not reachable")]), formats.JSON),
                 status_code=503, media_type=formats.content_type(formats.JSON))
         return Response(b'{"status":"ready"}', media_type="application/json")
+
+    install_auth_routes(app, lambda request: _base_url(settings, request))
 
     for path in ("/", "/metadata", "/_history", "/{rtype}", "/{rtype}/_search",
                  "/{rtype}/_history", "/{rtype}/{rid}", "/{rtype}/{rid}/_history",

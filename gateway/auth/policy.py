@@ -96,8 +96,9 @@ class OrgPolicy:
                 f"The access token has no scope that allows {interaction} on {res_type} "
                 f"(it needs e.g. system/{res_type}.{letter})")
 
-    def _scope_filter(self, res_type: str) -> ColumnElement[bool]:
-        """OR of the query constraints of the scopes that allow reading or searching."""
+    def _scope_filter(self, res_type: str) -> ColumnElement[bool] | None:
+        """OR of the query constraints of the scopes that allow reading or searching
+        ``res_type`` (None: unconstrained; false: no such scope)."""
         from gateway.store.search import QueryBuilder
 
         readers = [s for s in self.scopes
@@ -108,7 +109,7 @@ class OrgPolicy:
         conds = []
         for s in readers:
             if not s.query:
-                return true()
+                return None
             qb = QueryBuilder(res_type)
             conds.append(and_(*[qb.condition(res_type, k, v) for k, v in s.query]))
         return or_(*conds)
@@ -165,7 +166,7 @@ class OrgPolicy:
     def visible(self, res_type: str, resources: Table) -> ColumnElement[bool] | None:
         scope_cond = self._scope_filter(res_type)
         if self.platform:
-            return None if scope_cond is true() else scope_cond
+            return scope_cond
         if self.org_id is None or res_type == "AuditEvent":
             return false()
         if res_type in DIRECTORY:
@@ -185,7 +186,7 @@ class OrgPolicy:
                     r.c.param == "_ref", r.c.target_type == res_type,
                     r.c.rid.in_(referral_rids))),
             )
-        if scope_cond is true():
+        if scope_cond is None:
             return compartment
         return and_(compartment, scope_cond)
 

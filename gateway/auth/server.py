@@ -30,7 +30,7 @@ from joserfc.jwk import ECKey, KeySet, RSAKey
 from sqlalchemy import delete, insert
 from sqlalchemy.exc import IntegrityError
 
-from gateway.auth.clients import ClientRegistry
+from gateway.auth.clients import Client, ClientRegistry
 from gateway.auth.keys import ALG, LEEWAY, TOKEN_LIFETIME, SigningKeys
 from gateway.auth.scopes import Scope, ScopeError, format_scopes, intersect, parse_scopes
 from gateway.store.schema import auth_jti
@@ -104,16 +104,17 @@ def _unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 class AuthServer:
-    def __init__(self, keys: SigningKeys, clients: ClientRegistry, *, issuer: str,
+    def __init__(self, keys: SigningKeys, clients: ClientRegistry, *,
                  external: ExternalIdP | None = None) -> None:
         self.keys = keys
         self.clients = clients
-        self.issuer = issuer.rstrip("/")
         self.external = external
         self._last_purge = 0.0
 
     # -- token endpoint --------------------------------------------------------------------
-    def token(self, form: dict[str, str], token_url: str) -> dict[str, Any]:
+    def token(self, form: dict[str, str], token_url: str, issuer: str
+              ) -> tuple[dict[str, Any], Client]:
+        """Issue an access token; ``issuer`` is refgw's FHIR base URL (also the audience)."""
         if form.get("grant_type") != "client_credentials":
             raise OAuthError("unsupported_grant_type",
                              "grant_type must be client_credentials (SMART Backend Services)")
@@ -138,15 +139,15 @@ class AuthServer:
         now = int(time.time())
         access = jwt.encode(
             {"alg": ALG, "kid": self.keys.current().kid, "typ": "at+jwt"},
-            {"iss": self.issuer, "sub": client.client_id, "aud": self.issuer,
+            {"iss": issuer, "sub": client.client_id, "aud": issuer,
              "client_id": client.client_id, "iat": now, "exp": now + TOKEN_LIFETIME,
              "jti": uuid.uuid4().hex, "scope": format_scopes(granted),
              "org": client.organization, "platform": client.platform},
             self.keys.current(), algorithms=[ALG])
         return {"access_token": access, "token_type": "bearer", "expires_in": TOKEN_LIFETIME,
-                "scope": format_scopes(granted)}
+                "scope": format_scopes(granted)}, client
 
-    def _check_assertion(self, assertion: str, token_url: str):
+    def _check_assertion(self, assertion: str, token_url: str) -> tuple[Client, dict[str, Any]]:
         def bad(desc: str) -> OAuthError:
             return OAuthError("invalid_client", desc)
 
@@ -196,7 +197,7 @@ class AuthServer:
         self._remember_jti(client.client_id, jti, int(exp) + LEEWAY)
         return client, c
 
-    def _client_key(self, client, kid: str, alg: str):
+    def _client_key(self, client: Client, kid: str, alg: str) -> RSAKey | ECKey:
         kty = CLIENT_ALGS[alg]
         for attempt in (False, True):
             if attempt and client.jwks_uri is None:
@@ -230,7 +231,7 @@ class AuthServer:
                              "client_assertion jti was already used (replay)") from exc
 
     # -- resource server -------------------------------------------------------------------
-    def verify(self, authorization: str | None) -> TokenInfo:
+    def verify(self, authorization: str | None, issuer: str) -> TokenInfo:
         if not authorization:
             raise BearerError("", "an access token is required")
         scheme, _, token = authorization.partition(" ")
@@ -241,13 +242,13 @@ class AuthServer:
             header, claims = _unverified(token)
         except ValueError as exc:
             raise BearerError("invalid_token", "the access token is not a JWT") from exc
-        if claims.get("iss") == self.issuer:
-            return self._verify_own(token, header)
+        if claims.get("iss") == issuer:
+            return self._verify_own(token, header, issuer)
         if self.external and claims.get("iss") == self.external.issuer:
             return self._verify_external(token, header)
         raise BearerError("invalid_token", "the access token was not issued by a trusted issuer")
 
-    def _verify_own(self, token: str, header: dict[str, Any]) -> TokenInfo:
+    def _verify_own(self, token: str, header: dict[str, Any], issuer: str) -> TokenInfo:
         if header.get("alg") != ALG:
             raise BearerError("invalid_token", "unexpected token algorithm")
         key = self.keys.verifying_key(str(header.get("kid")))
@@ -261,7 +262,7 @@ class AuthServer:
         now = int(time.time())
         if not isinstance(c.get("exp"), int) or c["exp"] < now - LEEWAY:
             raise BearerError("invalid_token", "the access token has expired")
-        if c.get("aud") != self.issuer:
+        if c.get("aud") != issuer:
             raise BearerError("invalid_token", "the access token is for another audience")
         client = self.clients.get(str(c.get("client_id")))
         if client is None or not client.active:
@@ -279,8 +280,6 @@ class AuthServer:
         alg = header.get("alg")
         if alg not in ("RS256", "RS384", "ES256", "ES384"):
             raise BearerError("invalid_token", "unexpected token algorithm")
-        from gateway.auth.clients import Client
-
         pseudo = Client("external", None, None, ext.jwks_url, "", True, False)
         kid = header.get("kid")
         for refetch in (False, True):

@@ -16,6 +16,8 @@ from gateway.fhir.references import parse_reference
 from gateway.fhir.searchparams import DATE, REFERENCE, STRING, TOKEN, URI, indexed_params
 
 MAX_STRING = 200
+HIDDEN_REF = "_ref"
+COMPARTMENT_ROOTS = frozenset({"Task", "ServiceRequest"})
 MAX_TOKEN = 250
 
 
@@ -136,6 +138,13 @@ def extract(resource: dict[str, Any], base_url: str | None = None) -> IndexRows:
                         rows.date.append((name, low, high))
                 elif sp.type == URI and isinstance(value, str):
                     rows.uri.append((name, value[:MAX_TOKEN]))
+    if rtype in COMPARTMENT_ROOTS:
+        # Every reference of a referral, under a parameter clients cannot search: the access
+        # policy uses it to make what a visible referral points at visible too.
+        for ref, _path in references_in(resource):
+            parsed = parse_reference(ref["reference"], base_url)
+            if parsed is not None and parsed.id and parsed.url is None:
+                rows.reference.append((HIDDEN_REF, parsed.type, parsed.id, None))
     rows.token = list(dict.fromkeys(rows.token))
     rows.reference = list(dict.fromkeys(rows.reference))
     rows.string = list(dict.fromkeys(rows.string))

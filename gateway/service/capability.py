@@ -11,7 +11,29 @@ INTERACTIONS = ["read", "vread", "update", "patch", "delete", "history-instance"
                 "history-type", "create", "search-type"]
 
 
-def capability_statement(base_url: str, software_date: str) -> dict[str, Any]:
+def security(base_url: str, auth_disabled: bool) -> dict[str, Any]:
+    """``rest.security``: SMART Backend Services, with the OAuth URIs extension."""
+    if auth_disabled:
+        return {"cors": False, "description": "AUTHENTICATION IS DISABLED on this server "
+                "(REFGW_AUTH_DISABLED=true): every caller can read and change everything."}
+    return {
+        "cors": False,
+        "service": [{"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+            "code": "SMART-on-FHIR"}], "text": "OAuth 2.0 client credentials "
+            "(SMART Backend Services, private_key_jwt); SMART v2 and v1 system scopes"}],
+        "extension": [{
+            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+            "extension": [{"url": "token", "valueUri": f"{base_url}/auth/token"}],
+        }],
+        "description": "Every request needs Authorization: Bearer <access token>. Each "
+                       "organization sees only the referrals it sends or receives and what "
+                       "they point at.",
+    }
+
+
+def capability_statement(base_url: str, software_date: str, *,
+                         auth_disabled: bool = False) -> dict[str, Any]:
     resources_ = []
     for rtype in sorted(SEARCH_PARAMS):
         params = [
@@ -52,6 +74,7 @@ def capability_statement(base_url: str, software_date: str) -> dict[str, Any]:
         "patchFormat": ["application/json-patch+json"],
         "rest": [{
             "mode": "server",
+            "security": security(base_url, auth_disabled),
             "resource": resources_,
             "interaction": [{"code": "transaction"}, {"code": "batch"},
                             {"code": "history-system"}],

@@ -93,16 +93,22 @@ def _check_id(rid: str) -> None:
 class FhirService:
     """All FHIR interactions on one store."""
 
-    def __init__(self, store: Store, *, max_bundle_entries: int = 1000) -> None:
+    def __init__(self, store: Store, *, max_bundle_entries: int = 1000,
+                 auth_disabled: bool = False) -> None:
         self.store = store
         self.max_bundle_entries = max_bundle_entries
+        self.auth_disabled = auth_disabled
         self.started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def capabilities(self, ctx: Context) -> dict[str, Any]:
+        return capability_statement(ctx.base_url or "", self.started,
+                                    auth_disabled=self.auth_disabled)
 
     # -- entry point -----------------------------------------------------------------------
     def handle(self, req: FhirRequest, ctx: Context) -> FhirResponse:
         parts = [p for p in req.path.strip("/").split("/") if p]
         if req.method in READ_METHODS and parts == ["metadata"]:
-            return FhirResponse(200, capability_statement(ctx.base_url or "", self.started))
+            return FhirResponse(200, self.capabilities(ctx))
         if not parts and req.method == "POST":
             return self.bundle(req, ctx)
         write = req.method not in READ_METHODS and not (
@@ -118,7 +124,7 @@ class FhirService:
         if parts == ["_history"] and m in READ_METHODS:
             return self.history(s, req, None, None)
         if parts == ["metadata"] and m in READ_METHODS:  # e.g. a GET entry of a batch
-            return FhirResponse(200, capability_statement(s.ctx.base_url or "", self.started))
+            return FhirResponse(200, self.capabilities(s.ctx))
         if parts in (["_history"], ["metadata"]):
             raise MethodNotAllowed(f"{m} /{parts[0]} is not supported (only GET)")
         rtype = parts[0]

@@ -2,17 +2,21 @@
 
 The repository (``gateway.store.repository.Session``) is the security boundary: every read,
 search, include, history and write passes through an :class:`AccessPolicy` and is reported to an
-:class:`AuditSink`. Handlers never check permissions. This issue ships the open policy
-(:class:`AllowAll`) and a discarding sink; the auth issue replaces them with per-organization
-compartments and AuditEvent writing without touching handlers.
+:class:`AuditSink`. Handlers never check permissions. :class:`AllowAll` serves refgw's own work
+(and ``REFGW_AUTH_DISABLED``); ``gateway.auth.policy.OrgPolicy`` is the per-organization policy
+built from each request's access token, and ``gateway.auth.audit.AuditWriter`` the sink that
+stores AuditEvents.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import ColumnElement, Table
+
+if TYPE_CHECKING:
+    from gateway.store.repository import Session, Stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,12 +29,18 @@ class Caller:
 
 
 class AccessPolicy(Protocol):
+    def authorize(self, interaction: str, res_type: str | None) -> None:
+        """Raise ``Forbidden`` when the caller's scopes do not allow this interaction."""
+
     def visible(self, res_type: str, resources: Table) -> ColumnElement[bool] | None:
         """An SQL condition on ``resources`` limiting what the caller may see (None = all)."""
 
-    def check_write(self, interaction: str, res_type: str, old: dict[str, Any] | None,
-                    new: dict[str, Any] | None) -> None:
+    def check_write(self, session: Session, interaction: str, res_type: str,
+                    old: Stored | None, new: dict[str, Any] | None) -> None:
         """Raise ``gateway.errors.Forbidden`` when the caller may not make this change."""
+
+    def allow_update_as_create(self) -> None:
+        """Raise when the caller may not create a resource with an id of its choosing."""
 
 
 class AuditSink(Protocol):
@@ -47,13 +57,19 @@ class AuditRecord:
 
 
 class AllowAll:
-    """No restriction (auth disabled, or before the auth issue)."""
+    """No restriction: refgw's own internal work, and ``REFGW_AUTH_DISABLED=true``."""
+
+    def authorize(self, interaction: str, res_type: str | None) -> None:
+        return None
 
     def visible(self, res_type: str, resources: Table) -> ColumnElement[bool] | None:
         return None
 
-    def check_write(self, interaction: str, res_type: str, old: dict[str, Any] | None,
-                    new: dict[str, Any] | None) -> None:
+    def check_write(self, session: Session, interaction: str, res_type: str,
+                    old: Stored | None, new: dict[str, Any] | None) -> None:
+        return None
+
+    def allow_update_as_create(self) -> None:
         return None
 
 

@@ -24,13 +24,20 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-from sqlalchemy import Connection, delete, false, func, insert, select, text, update
+from sqlalchemy import Connection, and_, delete, false, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
-from gateway.errors import BadRequest, Gone, NotFound, PreconditionFailed
+from gateway.errors import (
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    Gone,
+    NotFound,
+    PreconditionFailed,
+)
 from gateway.fhir.datetimes import format_instant
 from gateway.fhir.extract import extract
-from gateway.fhir.searchparams import REFERENCE
+from gateway.fhir.searchparams import REFERENCE, RESOURCE_TYPES
 from gateway.store.db import Dialect, dialect_of, make_engine
 from gateway.store.policy import AuditRecord, Context
 from gateway.store.schema import INDEX_TABLES, resource_history, resources
@@ -55,6 +62,18 @@ class Stored:
     last_updated: int
     deleted: bool
     body: dict[str, Any] | None
+    author_org: str | None = None  # the organization that created it
+
+    @classmethod
+    def of(cls, r: Any) -> Stored:
+        """From a ``resources`` or ``resource_history`` row."""
+        return cls(r.rid, r.res_type, r.fhir_id, r.version, r.last_updated, r.deleted, r.body,
+                   getattr(r, "author_org", None))
+
+
+@dataclass(slots=True)
+class _AuditTarget:
+    res_id: str | None
 
 
 @dataclass(slots=True)
@@ -149,21 +168,42 @@ class Session:
         self.ctx.audit.record(AuditRecord(interaction, res_type, res_id, outcome,
                                           self.ctx.caller))
 
+    @contextmanager
+    def _audited(self, interaction: str, res_type: str | None,
+                 res_id: str | None = None) -> Iterator[_AuditTarget]:
+        """Check the caller's scopes for ``interaction``, then audit its outcome."""
+        target = _AuditTarget(res_id)
+        try:
+            self.ctx.policy.authorize(interaction, res_type)
+            yield target
+        except Forbidden:
+            self._audit(interaction, res_type, target.res_id, "denied")
+            raise
+        except GatewayError:
+            self._audit(interaction, res_type, target.res_id, "failed")
+            raise
+        self._audit(interaction, res_type, target.res_id)
+
     def _visible(self, res_type: str):
         return self.ctx.policy.visible(res_type, resources)
 
-    def _row(self, res_type: str, res_id: str, *, lock: bool = False) -> Stored | None:
+    def _row(self, res_type: str, res_id: str, *, lock: bool = False,
+             policy: bool = True) -> Stored | None:
         stmt = select(resources).where(resources.c.res_type == res_type,
                                        resources.c.fhir_id == res_id)
-        vis = self._visible(res_type)
+        vis = self._visible(res_type) if policy else None
         if vis is not None:
             stmt = stmt.where(vis)
         if lock and self.store.dialect == "postgresql":
             stmt = stmt.with_for_update()
         r = self.conn.execute(stmt).first()
-        if r is None:
-            return None
-        return Stored(r.rid, r.res_type, r.fhir_id, r.version, r.last_updated, r.deleted, r.body)
+        return Stored.of(r) if r is not None else None
+
+    def peek(self, res_type: str, res_id: str) -> Stored | None:
+        """The current version whatever the caller may see (for policies; never returned
+        to a caller)."""
+        row = self._row(res_type, res_id, policy=False)
+        return row if row is not None and not row.deleted else None
 
     def _stamp(self, resource: dict[str, Any], res_id: str, version: int) -> dict[str, Any]:
         meta = dict(resource.get("meta") or {})
@@ -199,107 +239,123 @@ class Session:
 
     # -- interactions ----------------------------------------------------------------------
     def read(self, res_type: str, res_id: str) -> Stored:
-        row = self._row(res_type, res_id)
-        if row is None:
-            self._audit("read", res_type, res_id, "failed")
-            raise NotFound(f"{res_type}/{res_id} is not known", f"{res_type}.id")
-        if row.deleted:
-            self._audit("read", res_type, res_id, "failed")
-            raise Gone(f"{res_type}/{res_id} was deleted", f"{res_type}.id",
-                       headers={"ETag": f'W/"{row.version}"'})
-        self._audit("read", res_type, res_id)
-        return row
+        with self._audited("read", res_type, res_id):
+            row = self._row(res_type, res_id)
+            if row is None:
+                raise NotFound(f"{res_type}/{res_id} is not known", f"{res_type}.id")
+            if row.deleted:
+                raise Gone(f"{res_type}/{res_id} was deleted", f"{res_type}.id",
+                           headers={"ETag": f'W/"{row.version}"'})
+            return row
 
     def vread(self, res_type: str, res_id: str, version: int) -> Stored:
-        current = self._row(res_type, res_id)
-        if current is None:
-            raise NotFound(f"{res_type}/{res_id} is not known", f"{res_type}.id")
-        r = self.conn.execute(select(resource_history).where(
-            resource_history.c.rid == current.rid, resource_history.c.version == version)).first()
-        if r is None:
-            raise NotFound(f"{res_type}/{res_id} has no version {version}",
+        with self._audited("vread", res_type, res_id):
+            current = self._row(res_type, res_id)
+            if current is None:
+                raise NotFound(f"{res_type}/{res_id} is not known", f"{res_type}.id")
+            r = self.conn.execute(select(resource_history).where(
+                resource_history.c.rid == current.rid,
+                resource_history.c.version == version)).first()
+            if r is None:
+                raise NotFound(f"{res_type}/{res_id} has no version {version}",
+                               f"{res_type}.meta.versionId")
+            if r.deleted:
+                raise Gone(f"Version {version} of {res_type}/{res_id} is a deletion",
                            f"{res_type}.meta.versionId")
-        if r.deleted:
-            raise Gone(f"Version {version} of {res_type}/{res_id} is a deletion",
-                       f"{res_type}.meta.versionId")
-        self._audit("vread", res_type, res_id)
-        return Stored(r.rid, r.res_type, r.fhir_id, r.version, r.last_updated, r.deleted, r.body)
+            return Stored.of(r)
 
     def create(self, resource: dict[str, Any], *, res_id: str | None = None,
                if_none_exist: str | None = None) -> tuple[Stored, bool]:
         """Store a new resource. With ``if_none_exist``, return the match instead (created=False)."""
         res_type = resource["resourceType"]
-        if if_none_exist:
-            pairs = normalize_criteria(if_none_exist)
-            self.lock(f"create:{res_type}?{pairs}")
-            found = self.find(res_type, pairs)
-            if len(found) > 1:
-                raise PreconditionFailed(
-                    f"If-None-Exist {if_none_exist!r} matches {len(found)} {res_type} resources; "
-                    "it must match at most one", "If-None-Exist")
-            if found:
-                self._audit("create", res_type, found[0].id)
-                return found[0], False
-        self.ctx.policy.check_write("create", res_type, None, resource)
+        with self._audited("create", res_type, res_id) as target:
+            if if_none_exist:
+                pairs = normalize_criteria(if_none_exist)
+                self.lock(f"create:{res_type}?{pairs}")
+                found = self.find(res_type, pairs)
+                if len(found) > 1:
+                    raise PreconditionFailed(
+                        f"If-None-Exist {if_none_exist!r} matches {len(found)} {res_type} "
+                        "resources; it must match at most one", "If-None-Exist")
+                if found:
+                    target.res_id = found[0].id
+                    return found[0], False
+            stored = self._create(resource, res_id)
+            target.res_id = stored.id
+            return stored, True
+
+    def _create(self, resource: dict[str, Any], res_id: str | None) -> Stored:
+        res_type = resource["resourceType"]
+        self.ctx.policy.check_write(self, "create", res_type, None,
+                                    {**resource, "id": res_id} if res_id else resource)
         res_id = res_id or str(uuid.uuid4())
         body = self._stamp(resource, res_id, 1)
+        author = self.ctx.caller.organization
         try:
             with self.conn.begin_nested():
                 rid = self.conn.execute(insert(resources).values(
                     res_type=res_type, fhir_id=res_id, version=1, last_updated=self.now,
-                    deleted=False, body=body).returning(resources.c.rid)).scalar_one()
+                    deleted=False, body=body, author_org=author)
+                    .returning(resources.c.rid)).scalar_one()
         except IntegrityError as exc:
             raise PreconditionFailed(f"{res_type}/{res_id} already exists", f"{res_type}.id") \
                 from exc
         self._history(rid, res_type, res_id, 1, False, "POST", body)
         self._write_indexes(rid, res_type, body)
-        self._audit("create", res_type, res_id)
-        return Stored(rid, res_type, res_id, 1, self.now, False, body), True
+        return Stored(rid, res_type, res_id, 1, self.now, False, body, author)
 
     def update(self, resource: dict[str, Any], res_id: str, *, if_match: int | None = None,
                method: str = "PUT") -> tuple[Stored, bool]:
-        """Replace ``resource`` as a new version (create it under ``res_id`` if it is new)."""
+        """Replace ``resource`` as a new version (create it under ``res_id`` if it is new).
+        Returns (stored, created)."""
         res_type = resource["resourceType"]
-        current = self._row(res_type, res_id, lock=True)
-        if current is None:
-            if if_match is not None:
+        interaction = "update" if method == "PUT" else "patch"
+        with self._audited(interaction, res_type, res_id):
+            current = self._row(res_type, res_id, lock=True)
+            if current is None:
+                if self._row(res_type, res_id, policy=False) is not None:
+                    raise NotFound(f"{res_type}/{res_id} is not known", f"{res_type}.id")
+                if if_match is not None:
+                    raise PreconditionFailed(
+                        f"{res_type}/{res_id} does not exist, so If-Match cannot hold",
+                        "If-Match")
+                self.ctx.policy.allow_update_as_create()
+                return self._create(resource, res_id), True
+            if if_match is not None and if_match != current.version:
                 raise PreconditionFailed(
-                    f"{res_type}/{res_id} does not exist, so If-Match cannot hold", "If-Match")
-            self.ctx.policy.check_write("create", res_type, None, resource)
-            return self.create(resource, res_id=res_id)
-        if if_match is not None and if_match != current.version:
-            self._audit("update", res_type, res_id, "failed")
-            raise PreconditionFailed(
-                f"{res_type}/{res_id} is at version {current.version}, not {if_match}: "
-                "someone changed it since you read it. Read it again and retry.", "If-Match",
-                headers={"ETag": f'W/"{current.version}"'})
-        self.ctx.policy.check_write("update", res_type, current.body, resource)
-        version = current.version + 1
-        body = self._stamp(resource, res_id, version)
-        self.conn.execute(update(resources).where(resources.c.rid == current.rid).values(
-            version=version, last_updated=self.now, deleted=False, body=body))
-        self._history(current.rid, res_type, res_id, version, False, method, body)
-        self._clear_indexes(current.rid)
-        self._write_indexes(current.rid, res_type, body)
-        self._audit("update" if method == "PUT" else "patch", res_type, res_id)
-        return Stored(current.rid, res_type, res_id, version, self.now, False, body), \
-            current.deleted
+                    f"{res_type}/{res_id} is at version {current.version}, not {if_match}: "
+                    "someone changed it since you read it. Read it again and retry.",
+                    "If-Match", headers={"ETag": f'W/"{current.version}"'})
+            if current.deleted:
+                self.ctx.policy.allow_update_as_create()
+            self.ctx.policy.check_write(self, interaction, res_type, current,
+                                        {**resource, "id": res_id})
+            version = current.version + 1
+            body = self._stamp(resource, res_id, version)
+            self.conn.execute(update(resources).where(resources.c.rid == current.rid).values(
+                version=version, last_updated=self.now, deleted=False, body=body))
+            self._history(current.rid, res_type, res_id, version, False, method, body)
+            self._clear_indexes(current.rid)
+            self._write_indexes(current.rid, res_type, body)
+            return Stored(current.rid, res_type, res_id, version, self.now, False, body,
+                          current.author_org), current.deleted
 
     def delete(self, res_type: str, res_id: str) -> Stored | None:
         """Delete (a versioned tombstone). Deleting twice is not an error."""
-        current = self._row(res_type, res_id, lock=True)
-        if current is None:
-            raise NotFound(f"{res_type}/{res_id} is not known", f"{res_type}.id")
-        if current.deleted:
-            return None
-        self.ctx.policy.check_write("delete", res_type, current.body, None)
-        version = current.version + 1
-        self.conn.execute(update(resources).where(resources.c.rid == current.rid).values(
-            version=version, last_updated=self.now, deleted=True, body=None))
-        self._history(current.rid, res_type, res_id, version, True, "DELETE", None)
-        self._clear_indexes(current.rid)
-        self._audit("delete", res_type, res_id)
-        return Stored(current.rid, res_type, res_id, version, self.now, True, None)
+        with self._audited("delete", res_type, res_id):
+            current = self._row(res_type, res_id, lock=True)
+            if current is None:
+                raise NotFound(f"{res_type}/{res_id} is not known", f"{res_type}.id")
+            if current.deleted:
+                return None
+            self.ctx.policy.check_write(self, "delete", res_type, current, None)
+            version = current.version + 1
+            self.conn.execute(update(resources).where(resources.c.rid == current.rid).values(
+                version=version, last_updated=self.now, deleted=True, body=None))
+            self._history(current.rid, res_type, res_id, version, True, "DELETE", None)
+            self._clear_indexes(current.rid)
+            return Stored(current.rid, res_type, res_id, version, self.now, True, None,
+                          current.author_org)
 
     def lock(self, key: str) -> None:
         """A transaction-scoped lock on ``key`` (PostgreSQL advisory lock; SQLite writers are
@@ -324,17 +380,19 @@ class Session:
         """Resources matching criteria (for conditional interactions), at most ``limit``."""
         q = self.parse_search(res_type, params)
         stmt = self._base_stmt(q, resources).order_by(resources.c.rid).limit(limit)
-        return [Stored(r.rid, r.res_type, r.fhir_id, r.version, r.last_updated, r.deleted,
-                       r.body) for r in self.conn.execute(stmt)]
+        return [Stored.of(r) for r in self.conn.execute(stmt)]
 
     def count(self, q: SearchQuery) -> int:
         stmt = self._base_stmt(q, func.count())
         return int(self.conn.execute(stmt).scalar_one())
 
     def search(self, q: SearchQuery) -> SearchPage:
+        with self._audited("search-type", q.res_type):
+            return self._search(q)
+
+    def _search(self, q: SearchQuery) -> SearchPage:
         total: int | None = None
         if q.summary == "count":
-            self._audit("search-type", q.res_type, None)
             return SearchPage([], [], self.count(q), None, None)
         stmt = self._base_stmt(q, resources).order_by(*sort_columns(q))
         if q.keyset:
@@ -344,8 +402,7 @@ class Session:
         rows = list(self.conn.execute(stmt.limit(q.count + 1))) if q.count > 0 else []
         more = len(rows) > q.count
         rows = rows[: q.count]
-        matches = [Stored(r.rid, r.res_type, r.fhir_id, r.version, r.last_updated, r.deleted,
-                          r.body) for r in rows]
+        matches = [Stored.of(r) for r in rows]
         if q.total_mode in ("accurate", "estimate") or q.count == 0:
             total = self.count(q)
         elif not more and q.cursor is None and q.offset == 0:
@@ -358,7 +415,6 @@ class Session:
             else:
                 next_offset = q.offset + q.count
         included = self._includes(q, matches) if q.includes and matches else []
-        self._audit("search-type", q.res_type, None)
         return SearchPage(matches, included, total, next_cursor, next_offset)
 
     def _includes(self, q: SearchQuery, matches: list[Stored]) -> list[Stored]:
@@ -401,8 +457,7 @@ class Session:
             vis = self._visible(t)
             if vis is not None:
                 stmt = stmt.where(vis)
-            out += [Stored(r.rid, r.res_type, r.fhir_id, r.version, r.last_updated, r.deleted,
-                           r.body) for r in self.conn.execute(stmt)]
+            out += [Stored.of(r) for r in self.conn.execute(stmt)]
         return out
 
     def _forward(self, spec: IncludeSpec, sources: list[Stored]) -> list[Stored]:
@@ -433,8 +488,7 @@ class Session:
             vis = self._visible(spec.source_type)
             if vis is not None:
                 stmt = stmt.where(vis)
-            out += [Stored(r.rid, r.res_type, r.fhir_id, r.version, r.last_updated, r.deleted,
-                           r.body) for r in self.conn.execute(stmt.limit(1000))]
+            out += [Stored.of(r) for r in self.conn.execute(stmt.limit(1000))]
         return out
 
     # -- history ---------------------------------------------------------------------------
@@ -442,27 +496,39 @@ class Session:
                 since: int | None = None, before: int | None = None,
                 offset: int = 0) -> tuple[list[Stored], bool]:
         """Versions, newest first. Returns (versions, more)."""
-        h = resource_history
-        stmt = select(h).join(resources, resources.c.rid == h.c.rid)
-        if res_type:
-            stmt = stmt.where(h.c.res_type == res_type)
-            vis = self._visible(res_type)
-            if vis is not None:
-                stmt = stmt.where(vis)
-        if res_id is not None:
-            assert res_type
-            current = self._row(res_type, res_id)
-            if current is None:
-                raise NotFound(f"{res_type}/{res_id} is not known", f"{res_type}.id")
-            stmt = stmt.where(h.c.rid == current.rid)
-        if since is not None:
-            stmt = stmt.where(h.c.last_updated >= since)
-        if before is not None:
-            stmt = stmt.where(h.c.last_updated < before)
-        stmt = stmt.order_by(h.c.last_updated.desc(), h.c.rid.desc(), h.c.version.desc())
-        rows = list(self.conn.execute(stmt.offset(offset).limit(count + 1)))
-        self._audit("history-instance" if res_id else "history-type" if res_type
-                    else "history-system", res_type, res_id)
-        return [Stored(r.rid, r.res_type, r.fhir_id, r.version, r.last_updated, r.deleted,
-                       r.body) for r in rows[:count]], len(rows) > count
-
+        interaction = ("history-instance" if res_id else "history-type" if res_type
+                       else "history-system")
+        with self._audited(interaction, res_type, res_id):
+            h = resource_history
+            stmt = select(h).join(resources, resources.c.rid == h.c.rid)
+            if res_type:
+                stmt = stmt.where(h.c.res_type == res_type)
+                vis = self._visible(res_type)
+                if vis is not None:
+                    stmt = stmt.where(vis)
+            else:  # system history: each type through its own visibility rule; the audit
+                # trail is not part of the data's history (search AuditEvent for it)
+                stmt = stmt.where(h.c.res_type != "AuditEvent")
+                per_type = []
+                for t in RESOURCE_TYPES:
+                    vis = self._visible(t)
+                    if vis is None:
+                        continue
+                    per_type.append((t, vis))
+                if per_type:
+                    stmt = stmt.where(or_(
+                        h.c.res_type.not_in([t for t, _ in per_type]),
+                        *[and_(h.c.res_type == t, vis) for t, vis in per_type]))
+            if res_id is not None:
+                assert res_type
+                current = self._row(res_type, res_id)
+                if current is None:
+                    raise NotFound(f"{res_type}/{res_id} is not known", f"{res_type}.id")
+                stmt = stmt.where(h.c.rid == current.rid)
+            if since is not None:
+                stmt = stmt.where(h.c.last_updated >= since)
+            if before is not None:
+                stmt = stmt.where(h.c.last_updated < before)
+            stmt = stmt.order_by(h.c.last_updated.desc(), h.c.rid.desc(), h.c.version.desc())
+            rows = list(self.conn.execute(stmt.offset(offset).limit(count + 1)))
+            return [Stored.of(r) for r in rows[:count]], len(rows) > count
