@@ -100,8 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="SQLAlchemy URL of a scratch PostgreSQL database "
                         "(default: $REFGW_BENCH_POSTGRES_URL); it is EMPTIED")
     p.add_argument("--sqlite-dir", type=Path, default=None,
-                   help="directory for the SQLite file (default: a temporary directory on "
-                        "the same disk as the checkout, removed afterwards)")
+                   help="directory for the SQLite file and the server log (default: a new "
+                        "temporary directory, removed after a successful run; if the system "
+                        "temp dir is a tmpfs, point this at a real disk)")
     p.add_argument("--tasks", type=int, default=None,
                    help="Tasks to load (default 100000; 2000 with --smoke)")
     p.add_argument("--orgs", type=int, default=100, help="owner Organizations (default 100)")
@@ -390,7 +391,10 @@ def server(url: str, log_path: Path) -> Iterator[str]:
     """``python -m gateway serve`` on a free loopback port; yields its base URL."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("REFGW_")}
-    env.update(REFGW_DATABASE_URL=url, REFGW_LOAD_DEMO="false", PYTHONUNBUFFERED="1")
+    # Auth off: the bench measures the FHIR store and API, and the Tasks it loads behind the
+    # API's back belong to no organization compartment.
+    env.update(REFGW_DATABASE_URL=url, REFGW_LOAD_DEMO="false", REFGW_AUTH_DISABLED="true",
+               PYTHONUNBUFFERED="1")
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port",
@@ -640,9 +644,9 @@ def bench_one(db: str, url: str, args: argparse.Namespace, res: Results, log_pat
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     res = Results()
-    base_dir = args.sqlite_dir or ROOT / "var"
-    base_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="refgw-bench-", dir=base_dir))
+    if args.sqlite_dir:
+        args.sqlite_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="refgw-bench-", dir=args.sqlite_dir))
     log_path = args.server_log or tmp / "server.log"
     dbs = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
     failed = False
@@ -668,6 +672,7 @@ def main(argv: list[str] | None = None) -> int:
           f"client(s); {os.cpu_count()} CPUs; Python {platform.python_version()}")
     print(res.table())
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                          "results": res.data}, indent=2))
     return 1 if failed else 0

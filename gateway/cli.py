@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
@@ -15,6 +17,11 @@ app = typer.Typer(help="refgw: referral interoperability gateway (FHIR R4).",
                   no_args_is_help=True, add_completion=False)
 db_app = typer.Typer(help="Database commands.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+clients_app = typer.Typer(help="Register and manage API clients (SMART Backend Services).",
+                          no_args_is_help=True)
+app.add_typer(clients_app, name="clients")
+keys_app = typer.Typer(help="refgw's own token-signing keys.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 
 def _version(value: bool) -> None:
@@ -51,7 +58,9 @@ def serve(
     import uvicorn
 
     from gateway.api.app import create_app
+    from gateway.auth.clients import ClientRegistry
     from gateway.demo import load_demo
+    from gateway.demo.clients import ensure_demo_clients
     from gateway.store.db import current_revision, head_revision, upgrade
     from gateway.store.repository import Store
 
@@ -66,10 +75,14 @@ def serve(
             upgrade(store.engine)  # the embedded default migrates itself
         elif current_revision(store.engine) != head_revision():
             _fail("the PostgreSQL schema is not current: run `refgw db upgrade` first")
+        demo_clients: list[tuple[str, Any]] = []
         if settings.load_demo:
             n = load_demo(store)
             if n:
                 typer.echo(f"refgw: loaded {n} demo resources", err=True)
+            if not settings.auth_disabled:
+                demo_clients = ensure_demo_clients(ClientRegistry(store.engine),
+                                                   Path(settings.demo_keys_dir))
     except typer.Exit:
         raise
     except Exception as exc:
@@ -78,7 +91,19 @@ def serve(
     h, p = host or settings.host, port or settings.port
     typer.echo(f"refgw {__version__}: FHIR API on http://{h}:{p}  (database "
                f"{_safe_url(settings.database_url)})", err=True)
-    typer.echo(f"  try: curl 'http://{h}:{p}/Organization?_count=5'", err=True)
+    if settings.auth_disabled:
+        typer.echo("refgw: WARNING: auth is disabled (REFGW_AUTH_DISABLED=true); every caller "
+                   "can read and change everything", err=True)
+        typer.echo(f"  try: curl 'http://{h}:{p}/Organization?_count=5'", err=True)
+    elif demo_clients:
+        cid, key = demo_clients[1]
+        typer.echo(f"refgw: demo clients ({', '.join(c for c, _ in demo_clients)}) have "
+                   f"their private keys in {settings.demo_keys_dir}/", err=True)
+        typer.echo("  get a token and make a first call:", err=True)
+        typer.echo(f"    TOKEN=$(.venv/bin/refgw token --url http://{h}:{p} --client-id {cid} "
+                   f"--key {key} --scope 'system/Organization.rs system/Task.rs')", err=True)
+        typer.echo(f"    curl -H \"Authorization: Bearer $TOKEN\" "
+                   f"'http://{h}:{p}/Organization?_count=5'", err=True)
     uvicorn.run(create_app(settings, store=store), host=h, port=p,
                 log_level=settings.log_level.lower(), access_log=False)
 
@@ -97,6 +122,112 @@ def db_upgrade() -> None:
                    f"{current_revision(store.engine)}")
     except Exception as exc:
         _fail(f"migration failed: {exc}")
+
+
+def _store() -> Any:
+    from gateway.store.db import current_revision, head_revision
+    from gateway.store.repository import Store
+
+    settings = Settings()
+    try:
+        store = Store(settings.database_url)
+        if current_revision(store.engine) != head_revision():
+            _fail("the database schema is not current: run `refgw db upgrade` first")
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        _fail(f"cannot open the database {_safe_url(settings.database_url)}: {exc}")
+    return store
+
+
+@clients_app.command("add")
+def clients_add(
+    client_id: Annotated[str, typer.Argument(help="The client's id (iss/sub of its "
+                                                  "assertions).")],
+    scope: Annotated[str, typer.Option(help='Maximum scopes, e.g. "system/Task.rs '
+                                            'system/ServiceRequest.cr".')],
+    org: Annotated[str | None, typer.Option(help="Organization/ID the client acts for.")] = None,
+    jwks: Annotated[Path | None, typer.Option(help="File with the client's public JWKS.")] = None,
+    jwks_uri: Annotated[str | None, typer.Option(help="URL of the client's JWKS.")] = None,
+    platform: Annotated[bool, typer.Option(help="Bind the client to the platform itself "
+                                                "(operators: sees everything its scopes "
+                                                "allow).")] = False,
+) -> None:
+    """Register a client (give exactly one of --jwks and --jwks-uri)."""
+    from gateway.auth.clients import ClientError, ClientRegistry
+
+    if (jwks is None) == (jwks_uri is None):
+        typer.echo("refgw: error: give exactly one of --jwks FILE and --jwks-uri URL", err=True)
+        raise typer.Exit(2)
+    if platform and org is None:
+        org = Settings().platform_organization
+    store = _store()
+    try:
+        data = json.loads(jwks.read_text()) if jwks else None
+        ClientRegistry(store.engine).add(client_id, organization=org, scope=scope, jwks=data,
+                                         jwks_uri=jwks_uri, platform=platform)
+    except (ClientError, OSError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"client {client_id} registered for {org}")
+
+
+@clients_app.command("list")
+def clients_list() -> None:
+    """List registered clients."""
+    from gateway.auth.clients import ClientRegistry
+
+    for c in ClientRegistry(_store().engine).all():
+        keys = "jwks_uri=" + c.jwks_uri if c.jwks_uri else f"{len(c.jwks['keys'])} inline key(s)"
+        typer.echo(f"{c.client_id}\t{'active' if c.active else 'DISABLED'}\t"
+                   f"{c.organization or '-'}{' (platform)' if c.platform else ''}\t{keys}\t"
+                   f"{c.scope}")
+
+
+@clients_app.command("disable")
+def clients_disable(client_id: Annotated[str, typer.Argument(help="The client to disable.")]
+                    ) -> None:
+    """Disable a client: it gets no new tokens and its current tokens stop working."""
+    from gateway.auth.clients import ClientError, ClientRegistry
+
+    try:
+        ClientRegistry(_store().engine).set_active(client_id, False)
+    except ClientError as exc:
+        _fail(str(exc))
+    typer.echo(f"client {client_id} disabled")
+
+
+@keys_app.command("rotate")
+def keys_rotate() -> None:
+    """Start signing tokens with a new key; the old one verifies until its tokens expire."""
+    from gateway.auth.keys import SigningKeys
+
+    kid = SigningKeys(_store().engine).rotate()
+    typer.echo(f"new signing key {kid}")
+
+
+@app.command()
+def token(
+    client_id: Annotated[str, typer.Option(help="Your client id.")],
+    key: Annotated[Path, typer.Option(help="Your private key (PEM, RSA or EC P-384).")],
+    scope: Annotated[str, typer.Option(help="Scopes to ask for.")] = "system/*.rs",
+    url: Annotated[str, typer.Option(help="refgw's base URL.")] = "http://127.0.0.1:8080",
+    kid: Annotated[str | None, typer.Option(help="Key id (default: the JWK thumbprint).")
+                   ] = None,
+) -> None:
+    """Get an access token (the real SMART Backend Services exchange) and print it."""
+    import httpx
+
+    from gateway.auth.assertion import fetch_token, load_private_key
+
+    try:
+        pk = load_private_key(key.read_bytes(), kid)
+        disco = httpx.get(f"{url.rstrip('/')}/.well-known/smart-configuration", timeout=10)
+        disco.raise_for_status()
+        body = fetch_token(disco.json()["token_endpoint"], client_id, pk, scope)
+    except Exception as exc:
+        _fail(str(exc))
+        return
+    typer.echo(body["access_token"])
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ SIGNING_ALGS = ["RS384", "ES384"]
 SCOPES_SUPPORTED = ["system/*.cruds", "system/*.rs", "system/Task.rs", "system/Task.cruds",
                     "system/ServiceRequest.rs", "system/ServiceRequest.cruds",
                     "system/Patient.rs", "system/Consent.rs", "system/Procedure.cru",
-                    "system/HealthcareService.rsu", "system/*.read", "system/*.write"]
+                    "system/HealthcareService.rus", "system/*.read", "system/*.write"]
 
 
 def token_url(base: str) -> str:

@@ -56,6 +56,32 @@ def _check_jwks(jwks: Any) -> dict[str, Any]:
     return {"keys": jwks["keys"]}
 
 
+def _check_scope(scope: str) -> None:
+    """Malformed scopes, and scope queries that are not valid searches, are refused."""
+    from gateway.errors import GatewayError
+    from gateway.fhir.searchparams import SEARCH_PARAMS
+    from gateway.store.search import QueryBuilder
+
+    try:
+        scopes = parse_scopes(scope)
+    except ValueError as exc:
+        raise ClientError(str(exc)) from exc
+    if not scopes:
+        raise ClientError("give at least one scope, e.g. system/Task.rs")
+    for s in scopes:
+        if s.resource_type != "*" and s.resource_type not in SEARCH_PARAMS:
+            raise ClientError(f"{s}: refgw does not serve {s.resource_type}")
+        if s.query:
+            if s.resource_type == "*":
+                raise ClientError(f"{s}: a query needs a resource type")
+            qb = QueryBuilder(s.resource_type)
+            for k, v in s.query:
+                try:
+                    qb.condition(s.resource_type, k, v)
+                except GatewayError as exc:
+                    raise ClientError(f"{s}: {exc}") from exc
+
+
 class ClientRegistry:
     def __init__(self, engine: Engine, http: httpx.Client | None = None) -> None:
         self.engine = engine
@@ -78,7 +104,7 @@ class ClientRegistry:
             raise ClientError("the JWKS URL must be http(s)")
         if not platform and (not organization or not organization.startswith("Organization/")):
             raise ClientError("a client acts for an Organization: --org Organization/ID")
-        parse_scopes(scope)  # raises on malformed scopes
+        _check_scope(scope)
         with self.engine.begin() as conn:
             if conn.execute(select(auth_clients.c.client_id).where(
                     auth_clients.c.client_id == client_id)).first():
@@ -92,6 +118,15 @@ class ClientRegistry:
         with self.engine.begin() as conn:
             n = conn.execute(update(auth_clients).where(
                 auth_clients.c.client_id == client_id).values(active=active)).rowcount
+        if not n:
+            raise ClientError(f"no client {client_id!r}")
+
+    def set_jwks(self, client_id: str, jwks: dict[str, Any]) -> None:
+        """Replace an inline JWKS (key rollover of a client)."""
+        jwks = _check_jwks(jwks)
+        with self.engine.begin() as conn:
+            n = conn.execute(update(auth_clients).where(
+                auth_clients.c.client_id == client_id).values(jwks=jwks, jwks_uri=None)).rowcount
         if not n:
             raise ClientError(f"no client {client_id!r}")
 
