@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from gateway.auth.audit import AuditWriter
 from gateway.auth.policy import OrgPolicy
 from gateway.auth.server import AuthServer, BearerError, OAuthError
+from gateway.auth.server import _unverified as unverified_jwt
 from gateway.errors import Issue, Unauthorized
 from gateway.store.policy import AllowAll, AuditRecord, Caller, Context
 
@@ -90,8 +91,11 @@ def install_auth_routes(app: FastAPI, base_url: Any) -> None:
                                  "send the token request as application/x-www-form-urlencoded")
             if len(raw) > 64 * 1024:
                 raise OAuthError("invalid_request", "the token request is too large")
-            form = dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
-            claimed = form.get("client_id")
+            pairs = parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True)
+            form = dict(pairs)
+            if len(form) != len(pairs):  # RFC 6749 §3.2: no parameter more than once
+                raise OAuthError("invalid_request", "a parameter is sent more than once")
+            claimed = claimed_client(form)
             body, client = await run_in_threadpool(auth.token, form, token_url(base), base)
         except OAuthError as err:
             audit.record(AuditRecord("token", None, None, "denied",
@@ -100,6 +104,19 @@ def install_auth_routes(app: FastAPI, base_url: Any) -> None:
         audit.record(AuditRecord("token", None, None, "success",
                                  Caller(client.client_id, client.organization)))
         return _json(body)
+
+
+def claimed_client(form: dict[str, str]) -> str | None:
+    """Who a token request says it is (for the audit of a refused one): ``client_id``, else
+    the unverified ``iss`` of its client assertion (SMART clients usually send only that)."""
+    if form.get("client_id"):
+        return form["client_id"][:128]
+    try:
+        _header, claims = unverified_jwt(form.get("client_assertion") or "")
+    except ValueError:
+        return None
+    iss = claims.get("iss")
+    return iss[:128] if isinstance(iss, str) and iss else None
 
 
 def unauthorized(err: BearerError) -> Unauthorized:

@@ -88,11 +88,20 @@ class AuditWriter:
         self._thread = threading.Thread(target=self._run, name="refgw-audit", daemon=True)
         self._idle = threading.Event()
         self._idle.set()
+        # record() clears _idle and enqueues under this lock, and the worker checks "queue
+        # empty" and sets _idle under it, so flush() cannot see idle with an event still queued
+        self._idle_lock = threading.Lock()
         self._thread.start()
 
     def record(self, event: AuditRecord) -> None:
-        self._idle.clear()
-        self._q.put(event)
+        with self._idle_lock:
+            self._idle.clear()
+            self._q.put(event)
+
+    def _set_idle_if_empty(self) -> None:
+        with self._idle_lock:
+            if self._q.empty():
+                self._idle.set()
 
     def _run(self) -> None:
         stop = False
@@ -101,7 +110,7 @@ class AuditWriter:
             try:
                 first = self._q.get(timeout=self.flush_interval)
             except queue.Empty:
-                self._idle.set()
+                self._set_idle_if_empty()
                 continue
             if first is None:
                 stop = True
@@ -118,8 +127,7 @@ class AuditWriter:
                 items.append(nxt)
             if items:
                 self._write(items)
-            if self._q.empty():
-                self._idle.set()
+            self._set_idle_if_empty()
 
     def _write(self, items: list[AuditRecord]) -> None:
         try:

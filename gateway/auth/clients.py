@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 from joserfc.jwk import ECKey, RSAKey
 from sqlalchemy import Engine, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from gateway.auth.scopes import parse_scopes
 from gateway.store.schema import auth_clients
@@ -105,13 +106,17 @@ class ClientRegistry:
         if not platform and (not organization or not organization.startswith("Organization/")):
             raise ClientError("a client acts for an Organization: --org Organization/ID")
         _check_scope(scope)
-        with self.engine.begin() as conn:
-            if conn.execute(select(auth_clients.c.client_id).where(
-                    auth_clients.c.client_id == client_id)).first():
-                raise ClientError(f"client {client_id!r} already exists")
-            conn.execute(insert(auth_clients).values(
-                client_id=client_id, organization=organization, jwks=jwks, jwks_uri=jwks_uri,
-                scope=scope, active=True, platform=platform, created=int(time.time())))
+        # Insert first and let the primary key refuse a duplicate: a SELECT first would start
+        # a read snapshot, and on SQLite (WAL) a deferred transaction whose snapshot went stale
+        # (the server wrote meanwhile) fails at once with "database is locked".
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(auth_clients).values(
+                    client_id=client_id, organization=organization, jwks=jwks,
+                    jwks_uri=jwks_uri, scope=scope, active=True, platform=platform,
+                    created=int(time.time())))
+        except IntegrityError as exc:
+            raise ClientError(f"client {client_id!r} already exists") from exc
         return Client(client_id, organization, jwks, jwks_uri, scope, True, platform)
 
     def set_active(self, client_id: str, active: bool) -> None:

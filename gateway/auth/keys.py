@@ -20,6 +20,7 @@ from gateway.store.schema import auth_signing_keys
 TOKEN_LIFETIME = 300  # seconds (SMART: expires_in SHOULD NOT exceed 300)
 LEEWAY = 30
 ALG = "ES384"
+RELOAD = 60  # seconds between re-reads of the key table
 
 
 def _now() -> int:
@@ -38,7 +39,8 @@ class SigningKeys:
         self._public: list[dict[str, Any]] = []
 
     def _valid_rows(self) -> list[Any]:
-        horizon = _now() - TOKEN_LIFETIME - LEEWAY
+        # other processes may go on signing with a retired key for up to RELOAD seconds
+        horizon = _now() - TOKEN_LIFETIME - LEEWAY - RELOAD
         with self.engine.connect() as conn:
             rows = conn.execute(select(auth_signing_keys).order_by(
                 auth_signing_keys.c.created.desc())).all()
@@ -80,7 +82,7 @@ class SigningKeys:
         self._loaded_at = time.monotonic()
 
     def current(self) -> ECKey:
-        if self._current is None or time.monotonic() - self._loaded_at > 60:
+        if self._current is None or time.monotonic() - self._loaded_at > RELOAD:
             self.ensure()
         assert self._current is not None
         return self._current
@@ -94,7 +96,7 @@ class SigningKeys:
         return key
 
     def jwks(self) -> dict[str, Any]:
-        if time.monotonic() - self._loaded_at > 60:
+        if time.monotonic() - self._loaded_at > RELOAD:
             with self._lock:
                 self._load()
         return {"keys": list(self._public)}

@@ -13,7 +13,8 @@ Compartments (caller = a client acting for Organization O):
   focus / basis of a Task visible to O.
 - **Everything a visible referral points at** (Patient, Consent, Condition, Procedure …; every
   reference of a Task or ServiceRequest is indexed under the hidden parameter ``_ref``) and
-  everything O created.
+  everything O created. Hence a Task or ServiceRequest a client writes may only point at what
+  that client can see itself (naming an id must not be a way to read it).
 - **Directory** resources (Organization, Location, HealthcareService, Endpoint, Practitioner,
   PractitionerRole) are visible to every authenticated caller; writable by their own org.
 - **AuditEvent**: platform only. **Subscription**: its creator only.
@@ -30,6 +31,9 @@ from sqlalchemy import ColumnElement, Table, and_, false, or_, select, true, uni
 
 from gateway.auth.scopes import INTERACTION_LETTER, Scope, granting
 from gateway.errors import Forbidden, NotFound
+from gateway.fhir.extract import references_in
+from gateway.fhir.references import parse_reference
+from gateway.fhir.searchparams import SEARCH_PARAMS
 from gateway.store.schema import sp_reference, sp_token
 
 if TYPE_CHECKING:
@@ -179,12 +183,14 @@ class OrgPolicy:
             compartment = resources.c.author_org == self.organization
         else:
             r = sp_reference
-            referral_rids = union(self._task_rids(resources), self._sr_rids(resources))
+            # Two IN tests, not union(task_rids, sr_rids): a UNION of UNIONs renders as
+            # parenthesized compound SELECTs, which SQLite rejects.
             compartment = or_(
                 resources.c.author_org == self.organization,
                 resources.c.fhir_id.in_(select(r.c.target_id).where(
                     r.c.param == "_ref", r.c.target_type == res_type,
-                    r.c.rid.in_(referral_rids))),
+                    or_(r.c.rid.in_(self._task_rids(resources)),
+                        r.c.rid.in_(self._sr_rids(resources))))),
             )
         if scope_cond is None:
             return compartment
@@ -209,9 +215,11 @@ class OrgPolicy:
             raise Forbidden("The client is not bound to an organization")
         if interaction == "create":
             self._check_create(session, res_type, new or {})
+            self._check_references(session, res_type, None, new or {})
         elif interaction in ("update", "patch"):
             assert old is not None and new is not None
             self._check_update(session, res_type, old, new)
+            self._check_references(session, res_type, old.body, new)
         elif interaction == "delete":
             assert old is not None
             if old.author_org == self.organization:
@@ -220,6 +228,28 @@ class OrgPolicy:
                 return
             raise Forbidden(f"Only the organization that created {res_type}/{old.id} (or the "
                             "referral's requester) may delete it", f"{res_type}")
+
+    def _check_references(self, session: Session, res_type: str, old: dict[str, Any] | None,
+                          new: dict[str, Any]) -> None:
+        """What a referral points at becomes visible to its organizations, so a referral may
+        only point at what its writer can see: otherwise knowing an id would be enough to read
+        anything (a Task of one's own "for" it, or an owner's Task.output naming it).
+        A reference to nothing (yet) is let through: a transaction's entries may point at each
+        other in any order, and a dangling reference makes nothing visible."""
+        if res_type not in REFERRAL:
+            return
+        before = {ref["reference"] for ref, _ in references_in(old or {})}
+        for ref, path in references_in(new):
+            value = ref["reference"]
+            parsed = parse_reference(value, session.ctx.base_url)
+            if value in before or parsed is None or parsed.url is not None or not parsed.id \
+                    or parsed.type in DIRECTORY or parsed.type not in SEARCH_PARAMS:
+                continue
+            if not session.can_see(parsed.type, parsed.id) and \
+                    session.peek(parsed.type, parsed.id) is not None:
+                raise Forbidden(f"{res_type}.{path} points at {parsed.type}/{parsed.id}, which "
+                                "you may not see: a referral may only point at what its writer "
+                                "can see", f"{res_type}.{path}")
 
     def _directory_owner(self, res_type: str, body: dict[str, Any], rid: str | None) -> bool:
         if res_type == "Organization":

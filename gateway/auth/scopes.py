@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote
 
 LETTERS = "cruds"
 _SCOPE_RE = re.compile(
@@ -61,7 +61,10 @@ class Scope:
                 "".join(c for c in LETTERS if c in self.letters)]
         else:
             perm = "".join(c for c in LETTERS if c in self.letters)
-        q = ("?" + "&".join(f"{k}={v}" for k, v in self.query)) if self.query else ""
+        # Re-encode: a decoded space, "&", "=", "+" or "%" would otherwise change the query
+        # (or split the scope) when the token's scope string is parsed again.
+        q = ("?" + "&".join(f"{quote(k, safe=':.')}={quote(v, safe='/:|,')}"
+                            for k, v in self.query)) if self.query else ""
         return f"{self.context}/{self.resource_type}.{perm}{q}"
 
 
@@ -99,8 +102,8 @@ def _narrow(req: Scope, allowed: Scope) -> Scope | None:
     """The part of ``req`` that ``allowed`` permits, or None."""
     if req.context != allowed.context:
         return None
-    if allowed.resource_type != "*" and req.resource_type != allowed.resource_type:
-        return None
+    if allowed.resource_type != "*" and req.resource_type not in ("*", allowed.resource_type):
+        return None  # (a request for "*" narrows to the allowed type)
     letters = req.letters & allowed.letters
     if not letters:
         return None

@@ -12,7 +12,8 @@ sent, equals the registered JWKS URL; exactly one registered key with that ``kid
 that fits ``alg`` (an unknown kid refetches a JWKS URL once, bounded); signature; ``aud`` = the
 token URL; ``exp`` present, not passed, at most 5 minutes ahead; ``jti`` present and never seen
 before for this client (kept in the database until the assertion expires, so replays fail
-across restarts and worker processes); requested scopes ∩ the client's allowed scopes non-empty.
+across restarts and worker processes); requested scopes ∩ the client's allowed scopes non-empty,
+with every scope query a valid search (as at registration).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from joserfc.jwk import ECKey, KeySet, RSAKey
 from sqlalchemy import delete, insert
 from sqlalchemy.exc import IntegrityError
 
-from gateway.auth.clients import Client, ClientRegistry
+from gateway.auth.clients import Client, ClientError, ClientRegistry
+from gateway.auth.clients import _check_scope as check_scope
 from gateway.auth.keys import ALG, LEEWAY, TOKEN_LIFETIME, SigningKeys
 from gateway.auth.scopes import Scope, ScopeError, format_scopes, intersect, parse_scopes
 from gateway.store.schema import auth_jti
@@ -136,6 +138,10 @@ class AuthServer:
         if not granted:
             raise OAuthError("invalid_scope",
                              "none of the requested scopes is allowed for this client")
+        try:  # a requested query must be a valid search, as at registration
+            check_scope(format_scopes(granted))
+        except ClientError as exc:
+            raise OAuthError("invalid_scope", str(exc)) from exc
         now = int(time.time())
         access = jwt.encode(
             {"alg": ALG, "kid": self.keys.current().kid, "typ": "at+jwt"},

@@ -261,7 +261,7 @@ class FhirService:
         if not isinstance(ops, list):
             raise BadRequest("A PATCH body must be a JSON Patch document (a JSON array of "
                              "operations) sent as application/json-patch+json")
-        current = s.read(rtype, rid)
+        current = s.read(rtype, rid, for_write="patch")
         if_match = parse_if_match(req.header("if-match"))
         if if_match is not None and if_match != current.version:
             raise PreconditionFailed(f"{rtype}/{rid} is at version {current.version}, "

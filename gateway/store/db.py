@@ -36,6 +36,7 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
             json_serializer=_json_dumps,
             json_deserializer=orjson.loads,
             connect_args={"timeout": 60, "check_same_thread": False},
+            hide_parameters=True,  # errors are logged: their parameters may be PHI
             pool_size=pool_size,
             max_overflow=pool_size,
         )
@@ -71,6 +72,7 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
             pool_size=pool_size,
             max_overflow=pool_size,
             pool_pre_ping=True,
+            hide_parameters=True,  # errors are logged: their parameters may be PHI
             connect_args={"options": options},
         )
     raise ValueError(f"unsupported database {u.get_backend_name()!r}: use sqlite or postgresql")

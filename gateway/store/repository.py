@@ -142,8 +142,14 @@ class Store:
         with queue, self.engine.connect() as conn:
             if write and self.dialect == "sqlite":
                 conn = conn.execution_options(refgw_write=True)
-            with conn.begin():
-                yield Session(self, conn, ctx or Context())
+            session = Session(self, conn, ctx or Context())
+            committed = False
+            try:
+                with conn.begin():
+                    yield session
+                committed = True
+            finally:  # audit what the transaction did only once its fate is known
+                session.report_audit(committed)
 
 
 class Session:
@@ -154,6 +160,7 @@ class Session:
         self.conn = conn
         self.ctx = ctx
         self._now: int | None = None
+        self._audit_records: list[AuditRecord] = []
 
     # -- helpers ---------------------------------------------------------------------------
     @property
@@ -165,8 +172,18 @@ class Session:
 
     def _audit(self, interaction: str, res_type: str | None, res_id: str | None,
                outcome: str = "success") -> None:
-        self.ctx.audit.record(AuditRecord(interaction, res_type, res_id, outcome,
-                                          self.ctx.caller))
+        self._audit_records.append(AuditRecord(interaction, res_type, res_id, outcome,
+                                               self.ctx.caller))
+
+    def report_audit(self, committed: bool) -> None:
+        """Hand this transaction's audit records to the sink. When it rolled back, nothing it
+        did happened: a "success" (e.g. the first creates of a failed transaction) is
+        reported as failed."""
+        records, self._audit_records = self._audit_records, []
+        for rec in records:
+            if not committed and rec.outcome == "success":
+                rec.outcome = "failed"
+            self.ctx.audit.record(rec)
 
     @contextmanager
     def _audited(self, interaction: str, res_type: str | None,
@@ -205,6 +222,10 @@ class Session:
         row = self._row(res_type, res_id, policy=False)
         return row if row is not None and not row.deleted else None
 
+    def can_see(self, res_type: str, res_id: str) -> bool:
+        """Whether the caller may see ``res_type/res_id`` (for policies)."""
+        return self._row(res_type, res_id) is not None
+
     def _stamp(self, resource: dict[str, Any], res_id: str, version: int) -> dict[str, Any]:
         meta = dict(resource.get("meta") or {})
         meta["versionId"] = str(version)
@@ -238,7 +259,15 @@ class Session:
             last_updated=self.now, deleted=deleted, method=method, body=body))
 
     # -- interactions ----------------------------------------------------------------------
-    def read(self, res_type: str, res_id: str) -> Stored:
+    def read(self, res_type: str, res_id: str, *, for_write: str | None = None) -> Stored:
+        """The current version. ``for_write`` names the write this read prepares (a patch):
+        its scope is checked first, so a caller without it gets 403 (not 404 or the data)."""
+        if for_write is not None:
+            try:
+                self.ctx.policy.authorize(for_write, res_type)
+            except Forbidden:
+                self._audit(for_write, res_type, res_id, "denied")
+                raise
         with self._audited("read", res_type, res_id):
             row = self._row(res_type, res_id)
             if row is None:
@@ -366,7 +395,7 @@ class Session:
     # -- search ----------------------------------------------------------------------------
     def parse_search(self, res_type: str, params: list[tuple[str, str]], *,
                      lenient: bool = False) -> SearchQuery:
-        return QueryBuilder(res_type, self.ctx.base_url).parse(
+        return QueryBuilder(res_type, self.ctx.base_url, self.ctx.policy.visible).parse(
             params, lenient=lenient, default_count=self.store.default_page_size,
             max_count=self.store.max_page_size)
 

@@ -69,7 +69,7 @@ sp_token = Table(
     Column("system", String(250), nullable=True),
     Column("code", String(250), nullable=False),
     Index("ix_sp_token_lookup", "res_type", "param", "code", "system"),
-    Index("ix_sp_token_rid", "rid"),
+    Index("ix_sp_token_rid", "rid", "param", "code", "system"),
 )
 
 sp_reference = Table(
@@ -83,7 +83,7 @@ sp_reference = Table(
     Column("target_url", String(1024), nullable=True),
     Index("ix_sp_reference_lookup", "res_type", "param", "target_id", "target_type"),
     Index("ix_sp_reference_target", "target_type", "target_id"),
-    Index("ix_sp_reference_rid", "rid"),
+    Index("ix_sp_reference_rid", "rid", "param", "target_type", "target_id"),
 )
 
 sp_string = Table(
@@ -96,7 +96,7 @@ sp_string = Table(
     Column("exact", String(200), nullable=True),  # original text, for :exact (migration 0002)
     Index("ix_sp_string_lookup", "res_type", "param", "value",
           postgresql_ops={"value": "varchar_pattern_ops"}),
-    Index("ix_sp_string_rid", "rid"),
+    Index("ix_sp_string_rid", "rid", "param", "value"),
 )
 
 sp_date = Table(
@@ -109,7 +109,7 @@ sp_date = Table(
     Column("high", BigInteger, nullable=False),
     Index("ix_sp_date_low", "res_type", "param", "low"),
     Index("ix_sp_date_high", "res_type", "param", "high"),
-    Index("ix_sp_date_rid", "rid"),
+    Index("ix_sp_date_rid", "rid", "param", "low", "high"),
 )
 
 sp_uri = Table(
@@ -120,7 +120,7 @@ sp_uri = Table(
     Column("param", String(64), nullable=False),
     Column("value", String(250), nullable=False),
     Index("ix_sp_uri_lookup", "res_type", "param", "value"),
-    Index("ix_sp_uri_rid", "rid"),
+    Index("ix_sp_uri_rid", "rid", "param", "value"),
 )
 
 INDEX_TABLES = {

@@ -10,11 +10,13 @@ modifier on references (``subject:Patient=1``) and one level of chaining
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import orjson
 from sqlalchemy import (
     ColumnElement,
+    Table,
     and_,
     false,
     func,
@@ -122,9 +124,14 @@ def _split_token(value: str) -> tuple[str | None, str | None, bool]:
 class QueryBuilder:
     """Builds SQL conditions for one resource type."""
 
-    def __init__(self, res_type: str, base_url: str | None = None) -> None:
+    def __init__(self, res_type: str, base_url: str | None = None,
+                 visible: Callable[[str, Table], ColumnElement[bool] | None] | None = None
+                 ) -> None:
         self.res_type = res_type
         self.base_url = base_url
+        #: The caller's access policy (``AccessPolicy.visible``): a chain may only test
+        #: resources the caller can see, or it would answer questions about hidden ones.
+        self.visible = visible
 
     # -- parsing entry point -------------------------------------------------------------
     def parse(self, params: list[tuple[str, str]], *, lenient: bool = False,
@@ -387,6 +394,10 @@ class QueryBuilder:
                    ref.c.target_type == target, ref.c.target_url.is_(None),
                    inner.c.deleted == false(), inner_cond)
         )
+        vis = self.visible(target, resources) if self.visible is not None else None
+        if vis is not None:
+            sub = sub.where(inner.c.rid.in_(
+                select(resources.c.rid).where(resources.c.res_type == target, vis)))
         return rid.in_(sub)
 
 

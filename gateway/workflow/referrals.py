@@ -1,0 +1,316 @@
+"""The referral workflow, run by the repository inside the write's own transaction.
+
+``ReferralWorkflow`` is a write hook (``gateway.store.repository.WriteHook``):
+
+- ``before_write`` claims the IG profile on referral Tasks and ServiceRequests that arrive
+  without one (a Task with ``code=fulfill`` and ``intent=order`` is a referral Task whatever its
+  ``meta.profile`` says), validates every resource that claims one of our profiles against the
+  StructureDefinitions in ``profiles/`` (policy per resource type: reject, warn or off), and
+  checks Task status changes against the state machine (``taskstate``) for the caller's role;
+- ``after_write`` does the Coordination Platform's duties (SDOH Clinical Care IG, indirect
+  referrals, ``refer-1``/``refer-2``): a referral Task addressed to the platform (owner = the
+  platform Organization, or no owner) is *coordinated*: refgw creates a ``filler-order``
+  ServiceRequest (``basedOn`` the source request) and a downstream Task (``partOf`` the source
+  Task) owned by the Organization routing picks, or unassigned for claiming. Status changes of
+  the downstream Task are mirrored on the source Task, a rejection "at capacity" is re-routed to
+  the next matching organization, and a cancel by the referrer cancels the downstream Task — all
+  in the same database transaction, so the referrer's view is never behind the CBO's. A referral
+  whose Task already names a CBO as owner is *direct*: stored as it is, no copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from gateway.errors import Conflict, Forbidden, Issue, Unprocessable
+from gateway.fhir.profiles import ProfileRegistry
+from gateway.store.policy import AllowAll, Caller, Context
+from gateway.workflow import taskstate
+from gateway.workflow.routing import Router, facts_from
+
+if TYPE_CHECKING:
+    from gateway.store.repository import Session, Stored
+
+log = logging.getLogger("refgw.workflow")
+
+IG = "http://hl7.org/fhir/us/sdoh-clinicalcare/StructureDefinition/"
+TASK_PROFILE = IG + "SDOHCC-TaskForReferralManagement"
+OLD_TASK_PROFILE = IG + "SDOHCC-Task"
+SR_PROFILE = IG + "SDOHCC-ServiceRequest"
+TASK_CODE = "http://hl7.org/fhir/CodeSystem/task-code"
+CAPACITY_EXT = IG + "SDOHCC-ExtensionHealthcareServiceCapacityStatus"
+REASON_SYSTEM = "https://refgw.org/fhir/CodeSystem/refgw-reason"
+AT_CAPACITY = "at-capacity"
+
+#: validation policy by resource type (others: "reject" when they claim one of our profiles)
+DEFAULT_POLICY = {"Task": "reject", "ServiceRequest": "reject", "Condition": "warn",
+                  "Observation": "warn", "Goal": "warn"}
+
+
+def is_referral_task(task: dict[str, Any] | None) -> bool:
+    if not task or task.get("resourceType") != "Task":
+        return False
+    profiles = (task.get("meta") or {}).get("profile") or []
+    if TASK_PROFILE in profiles:
+        return True
+    code = task.get("code") or {}
+    fulfill = any(c.get("system") == TASK_CODE and c.get("code") == "fulfill"
+                  for c in code.get("coding") or [] if isinstance(c, dict))
+    return fulfill and task.get("intent") == "order"
+
+
+def _ref(resource: dict[str, Any] | None, element: str) -> str | None:
+    v = (resource or {}).get(element)
+    if isinstance(v, list):
+        v = v[0] if v else None
+    return v.get("reference") if isinstance(v, dict) else None
+
+
+def _split(reference: str | None) -> tuple[str, str] | None:
+    if reference and reference.count("/") == 1:
+        t, i = reference.split("/")
+        return t, i
+    return None
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _reason_code(task: dict[str, Any]) -> str | None:
+    for c in (task.get("statusReason") or {}).get("coding") or []:
+        if isinstance(c, dict) and c.get("system") == REASON_SYSTEM:
+            return c.get("code")
+    return None
+
+
+class ReferralWorkflow:
+    """The write hook that makes refgw a Coordination Platform."""
+
+    def __init__(self, profiles: ProfileRegistry, router: Router, platform_org: str,
+                 policy: dict[str, str] | None = None) -> None:
+        self.profiles = profiles
+        self.router = router
+        self.platform_org = platform_org
+        self.policy = {**DEFAULT_POLICY, **(policy or {})}
+        self._known = set(profiles.profile_urls())
+
+    # -- before ----------------------------------------------------------------------------
+    def before_write(self, session: Session, interaction: str, res_type: str,
+                     old: Stored | None, new: dict[str, Any]) -> list[Issue]:
+        if res_type == "Task" and is_referral_task(new):
+            self._claim(new, TASK_PROFILE, drop=OLD_TASK_PROFILE)
+            self._check_status(session, old, new)
+        elif res_type == "ServiceRequest" and is_referral_task_focus(new):
+            self._claim(new, SR_PROFILE)
+        return self._validate(res_type, new)
+
+    @staticmethod
+    def _claim(resource: dict[str, Any], profile: str, drop: str | None = None) -> None:
+        meta = resource.setdefault("meta", {})
+        profiles = [p for p in meta.get("profile") or [] if p != drop]
+        if profile not in profiles:
+            profiles.append(profile)
+        meta["profile"] = profiles
+
+    def _validate(self, res_type: str, resource: dict[str, Any]) -> list[Issue]:
+        claimed = [p for p in (resource.get("meta") or {}).get("profile") or []
+                   if p in self._known]
+        mode = self.policy.get(res_type, "reject")
+        if not claimed or mode == "off":
+            return []
+        issues = self.profiles.validate(resource)
+        errors = [i for i in issues if i.severity in ("error", "fatal")]
+        if errors and mode == "reject":
+            raise Unprocessable(issues=issues)
+        if mode == "warn":
+            return [Issue("warning", i.code, i.diagnostics, i.expression, i.refgw_code)
+                    for i in issues]
+        return [i for i in issues if i.severity not in ("error", "fatal")]
+
+    def _role(self, session: Session, task: dict[str, Any], old: dict[str, Any] | None) -> str:
+        caller = session.ctx.caller
+        if isinstance(session.ctx.policy, AllowAll) or caller.organization == self.platform_org:
+            return taskstate.PLATFORM
+        org = caller.organization
+        requester = _ref(old or task, "requester")
+        if requester == org or (requester and requester.startswith("PractitionerRole/")
+                                and _ref((session.peek(*requester.split("/", 1)) or
+                                          _Empty).body, "organization") == org):
+            return taskstate.REQUESTER
+        owner = _ref(old, "owner") if old else _ref(task, "owner")
+        if owner == org or (old is not None and owner is None
+                            and _ref(task, "owner") == org):
+            return taskstate.OWNER
+        return taskstate.REQUESTER if old is None else "other"
+
+    def _check_status(self, session: Session, old: Stored | None, new: dict[str, Any]) -> None:
+        status = new.get("status")
+        if not isinstance(status, str):
+            return
+        current = (old.body or {}).get("status") if old is not None and not old.deleted else None
+        role = self._role(session, new, old.body if old else None)
+        err = taskstate.check_transition(current, status, role)
+        if err is None:
+            return
+        if err.kind == "invalid":
+            raise Unprocessable(err.message, "Task.status")
+        if err.kind == "forbidden":
+            raise Forbidden(err.message, "Task.status")
+        raise Conflict(err.message, "Task.status")
+
+    # -- after -----------------------------------------------------------------------------
+    def after_write(self, session: Session, interaction: str, res_type: str,
+                    old: Stored | None, stored: Stored) -> None:
+        if res_type != "Task" or not is_referral_task(stored.body):
+            return
+        body = stored.body or {}
+        system = self._system(session)
+        if old is None or old.deleted:
+            if self._coordinated(body):
+                self._coordinate(system, stored)
+            return
+        before = (old.body or {}).get("status")
+        if before == body.get("status"):
+            return
+        part_of = _ref(body, "partOf")
+        if part_of and _ref(body, "requester") == self.platform_org:
+            self._mirror_up(system, body, part_of)
+        elif body.get("status") == "cancelled" and self._coordinated(old.body or {}):
+            self._cancel_down(system, stored)
+
+    def _system(self, session: Session) -> Session:
+        """A session on the same transaction acting as the platform (no hooks re-entry
+        for its own writes beyond what the workflow needs)."""
+        from gateway.store.repository import Session as _S
+
+        ctx = Context(caller=Caller(organization=self.platform_org), policy=AllowAll(),
+                      audit=session.ctx.audit, base_url=session.ctx.base_url)
+        return _S(session.store, session.conn, ctx, now=session.now)
+
+    def _coordinated(self, task: dict[str, Any]) -> bool:
+        owner = _ref(task, "owner")
+        return (owner is None or owner == self.platform_org) and not _ref(task, "partOf")
+
+    def at_capacity(self, session: Session, org: str) -> bool:
+        services = session.find("HealthcareService", [("organization", org),
+                                                      ("active", "true")], limit=50)
+        if not services:
+            return False
+        statuses = []
+        for s in services:
+            for ext in (s.body or {}).get("extension") or []:
+                if ext.get("url") != CAPACITY_EXT:
+                    continue
+                for sub in ext.get("extension") or []:
+                    if sub.get("url") == "capacityStatus":
+                        statuses += [c.get("code") for c in
+                                     (sub.get("valueCodeableConcept") or {}).get("coding") or []]
+        return bool(statuses) and all(c == "no-capacity" for c in statuses)
+
+    def _route(self, s: Session, sr: dict[str, Any], exclude: frozenset[str]):
+        patient = None
+        subj = _split(_ref(sr, "subject"))
+        if subj and subj[0] == "Patient":
+            p = s.peek(*subj)
+            patient = p.body if p else None
+        return self.router.route(facts_from(sr, patient), lambda o: self.at_capacity(s, o),
+                                 exclude)
+
+    def _coordinate(self, s: Session, source: Stored, exclude: frozenset[str] = frozenset(),
+                    note: str | None = None) -> None:
+        body = source.body or {}
+        focus = _split(_ref(body, "focus"))
+        sr_stored = s.peek(*focus) if focus and focus[0] == "ServiceRequest" else None
+        if sr_stored is None:
+            log.warning("coordinated Task/%s has no readable focus ServiceRequest", source.id)
+            return
+        sr = sr_stored.body or {}
+        decision = self._route(s, sr, exclude)
+        filler = {k: copy.deepcopy(v) for k, v in sr.items()
+                  if k in ("category", "code", "subject", "priority", "supportingInfo",
+                           "reasonCode", "reasonReference", "occurrenceDateTime",
+                           "occurrencePeriod", "orderDetail", "note")}
+        filler.update({
+            "resourceType": "ServiceRequest", "meta": {"profile": [SR_PROFILE]},
+            "status": "active", "intent": "filler-order",
+            "basedOn": [{"reference": f"ServiceRequest/{sr_stored.id}"}],
+            "requester": {"reference": self.platform_org}, "authoredOn": _now(),
+        })
+        if decision.owner:
+            filler["performer"] = [{"reference": decision.owner}]
+        filler_stored, _ = s.create(filler)
+        task = {
+            "resourceType": "Task", "meta": {"profile": [TASK_PROFILE]},
+            "status": "requested", "intent": "order",
+            "code": {"coding": [{"system": TASK_CODE, "code": "fulfill"}]},
+            "focus": {"reference": f"ServiceRequest/{filler_stored.id}"},
+            "for": copy.deepcopy(body.get("for")),
+            "partOf": [{"reference": f"Task/{source.id}"}],
+            "requester": {"reference": self.platform_org}, "authoredOn": _now(),
+        }
+        if body.get("priority"):
+            task["priority"] = body["priority"]
+        if decision.owner:
+            task["owner"] = {"reference": decision.owner}
+        s.create(task)
+        where = decision.owner or "no organization (unassigned: open for claiming)"
+        text = f"Routed to {where}" + (f" ({note})" if note else "")
+        updated = {**body, "businessStatus": {"text": text}}
+        if body.get("owner") is None:
+            updated["owner"] = {"reference": self.platform_org}
+        s.update(updated, source.id, method="PUT")
+
+    def _mirror_up(self, s: Session, down: dict[str, Any], source_ref: str) -> None:
+        target = _split(source_ref)
+        source = s.peek(*target) if target else None
+        if source is None or source.body is None:
+            return
+        status = down.get("status")
+        src = dict(source.body)
+        if status == "rejected" and _reason_code(down) == AT_CAPACITY \
+                and self.router.rules().reroute_on_capacity:
+            declined = self._declined(s, source.id) | {_ref(down, "owner") or ""}
+            self._coordinate(s, source, frozenset(declined),
+                             note=f"{_ref(down, 'owner')} is at capacity")
+            return
+        if src.get("status") == status:
+            return
+        src["status"] = status
+        for k in ("statusReason", "output"):
+            if k in down:
+                src[k] = copy.deepcopy(down[k])
+        if down.get("businessStatus"):
+            src["businessStatus"] = copy.deepcopy(down["businessStatus"])
+        s.update(src, source.id, method="PUT")
+
+    def _declined(self, s: Session, source_id: str) -> set[str]:
+        out = set()
+        for t in s.find("Task", [("part-of", f"Task/{source_id}"), ("status", "rejected")],
+                        limit=100):
+            owner = _ref(t.body, "owner")
+            if owner:
+                out.add(owner)
+        return out
+
+    def _cancel_down(self, s: Session, source: Stored) -> None:
+        for t in s.find("Task", [("part-of", f"Task/{source.id}")], limit=100):
+            body = dict(t.body or {})
+            if body.get("status") in taskstate.TERMINAL:
+                continue
+            body["status"] = "cancelled"
+            body["statusReason"] = {"text": "Cancelled by the referrer"}
+            s.update(body, t.id, method="PUT")
+
+
+class _Empty:
+    body: dict[str, Any] = {}
+
+
+def is_referral_task_focus(sr: dict[str, Any]) -> bool:
+    """ServiceRequests claim the IG profile when they already say so, or are filler orders
+    refgw creates (which always claim it); others are left as they are."""
+    return SR_PROFILE in ((sr.get("meta") or {}).get("profile") or [])
