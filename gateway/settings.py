@@ -57,6 +57,12 @@ class Settings(BaseSettings):
         description="Claim of an external token that names the caller's Organization")
     external_audience: str | None = Field(
         default=None, description="Required aud of external tokens (unset: not checked)")
+    routing_rules: str | None = Field(
+        default=None, description="Routing rules file (default: mappings/routing.json); "
+        "re-read when it changes")
+    workflow_enabled: bool = Field(
+        default=True, description="Run the referral workflow (profile validation, Task state "
+        "machine, coordination). Off only for testing the bare FHIR store.")
     demo_keys_dir: str = Field(
         default=str(DEFAULT_VAR_DIR / "keys"),
         description="Where `refgw serve` writes the demo clients' generated private keys")

@@ -69,9 +69,10 @@ def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[Store]:
 
 @pytest.fixture
 def settings(store: Store) -> Settings:
-    # The API semantics suite runs with auth off; tests/test_auth*.py run with it on.
+    # The FHIR API semantics suite tests the bare store: auth and the referral workflow are
+    # off here; tests/test_auth*.py, test_access_matrix.py and test_workflow*.py turn them on.
     return Settings(database_url=str(store.engine.url.render_as_string(hide_password=False)),
-                    load_demo=False, base_url=None, auth_disabled=True)
+                    load_demo=False, base_url=None, auth_disabled=True, workflow_enabled=False)
 
 
 @pytest.fixture

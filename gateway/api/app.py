@@ -7,6 +7,7 @@ default, migrated) when the app starts.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -34,7 +35,10 @@ from gateway.auth.audit import AuditWriter
 from gateway.auth.clients import ClientRegistry
 from gateway.auth.keys import SigningKeys
 from gateway.auth.server import AuthServer, ExternalIdP
+from gateway.fhir.profiles import ProfileRegistry
 from gateway.service.rest import FhirRequest, FhirResponse, FhirService
+from gateway.workflow.referrals import ReferralWorkflow
+from gateway.workflow.routing import Router
 from gateway.settings import Settings
 from gateway.store.policy import Context
 from gateway.store.repository import Store
@@ -103,6 +107,11 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                                    settings.external_org_claim, settings.external_audience)
         app.state.auth = AuthServer(keys, ClientRegistry(store.engine), external=external)
         app.state.audit = AuditWriter(store)
+        if settings.workflow_enabled:
+            store.hooks = [ReferralWorkflow(
+                ProfileRegistry.load(), Router(Path(settings.routing_rules)
+                                               if settings.routing_rules else None),
+                settings.platform_organization)]
         if settings.auth_disabled:
             log.warning("AUTH IS DISABLED (REFGW_AUTH_DISABLED=true): every caller can read "
                         "and change every resource. Never run this with real data.")

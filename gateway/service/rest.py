@@ -245,8 +245,8 @@ class FhirService:
                                    if_none_exist=req.header("if-none-exist"))
         if not created:
             return self._resource_response(200, stored, req, s.ctx, location=True,
-                                           issues=warnings)
-        return self._resource_response(201, stored, req, s.ctx, location=True, issues=warnings)
+                                           issues=warnings + s.drain_warnings())
+        return self._resource_response(201, stored, req, s.ctx, location=True, issues=warnings + s.drain_warnings())
 
     def update(self, s: Session, req: FhirRequest, rtype: str, rid: str) -> FhirResponse:
         resource, warnings = self._prepare(req, rtype, rid)
@@ -254,7 +254,7 @@ class FhirService:
         stored, created = s.update(resource, rid, if_match=if_match)
         status = 201 if created or stored.version == 1 else 200
         return self._resource_response(status, stored, req, s.ctx, location=True,
-                                       issues=warnings)
+                                       issues=warnings + s.drain_warnings())
 
     def patch(self, s: Session, req: FhirRequest, rtype: str, rid: str) -> FhirResponse:
         ops = req.body
@@ -277,7 +277,7 @@ class FhirService:
         sub = FhirRequest("PATCH", req.path, req.params, req.headers, patched)
         resource, warnings = self._prepare(sub, rtype, rid)
         stored, _ = s.update(resource, rid, if_match=current.version, method="PATCH")
-        return self._resource_response(200, stored, req, s.ctx, issues=warnings)
+        return self._resource_response(200, stored, req, s.ctx, issues=warnings + s.drain_warnings())
 
     def delete(self, s: Session, rtype: str, rid: str) -> FhirResponse:
         stored = s.delete(rtype, rid)

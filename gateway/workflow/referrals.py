@@ -183,13 +183,10 @@ class ReferralWorkflow:
             self._cancel_down(system, stored)
 
     def _system(self, session: Session) -> Session:
-        """A session on the same transaction acting as the platform (no hooks re-entry
-        for its own writes beyond what the workflow needs)."""
-        from gateway.store.repository import Session as _S
-
-        ctx = Context(caller=Caller(organization=self.platform_org), policy=AllowAll(),
-                      audit=session.ctx.audit, base_url=session.ctx.base_url)
-        return _S(session.store, session.conn, ctx, now=session.now)
+        """The same transaction, acting as the platform."""
+        ctx = Context(caller=Caller(client_id="refgw-workflow", organization=self.platform_org),
+                      policy=AllowAll(), audit=session.ctx.audit, base_url=session.ctx.base_url)
+        return session.child(ctx)
 
     def _coordinated(self, task: dict[str, Any]) -> bool:
         owner = _ref(task, "owner")
