@@ -282,3 +282,25 @@ def test_broken_referral_task_gets_plain_words(world: World) -> None:
     # nothing of the transaction was stored
     assert w.get("platform", "/Patient?identifier=urn:test:mrn|HC4471023").json().get(
         "total") == 0
+
+
+def test_profiles_are_served_and_validate_answers_without_storing(world: World) -> None:
+    w = world
+    r = w.get("pantry", "/StructureDefinition/SDOHCC-TaskForReferralManagement")
+    assert r.status_code == 200, r.text
+    assert r.json()["url"].endswith("SDOHCC-TaskForReferralManagement")
+    r = w.get("pantry", "/ValueSet?url=http://hl7.org/fhir/us/sdoh-clinicalcare/ValueSet/"
+                        "SDOHCC-ValueSetReferralTaskStatus")
+    assert r.json()["total"] == 1
+    task = referral()["entry"][2]["resource"]
+    task["focus"] = {"reference": "ServiceRequest/x"}
+    task["for"] = {"reference": "Patient/y"}
+    task["meta"] = {"profile": ["http://hl7.org/fhir/us/sdoh-clinicalcare/StructureDefinition/"
+                                "SDOHCC-TaskForReferralManagement"]}
+    task["status"] = "rejected"
+    r = w.api.post("/Task/$validate", json=task, headers=w.h("hospital"))
+    assert r.status_code == 200, r.text
+    issues = r.json()["issue"]
+    assert any(i["severity"] == "error" and "Task.statusReason" in i.get("expression", [])
+               for i in issues), issues
+    assert w.get("platform", "/Task?_total=accurate").json()["total"] == 0

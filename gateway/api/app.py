@@ -97,8 +97,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                           default_page_size=settings.default_page_size,
                           max_page_size=settings.max_page_size)
         app.state.store = store
+        profiles = ProfileRegistry.load()
         app.state.service = FhirService(store, max_bundle_entries=settings.max_bundle_entries,
-                                        auth_disabled=settings.auth_disabled)
+                                        auth_disabled=settings.auth_disabled, profiles=profiles)
         keys = SigningKeys(store.engine)
         await run_in_threadpool(keys.ensure)
         external = None
@@ -109,7 +110,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         app.state.audit = AuditWriter(store)
         if settings.workflow_enabled:
             store.hooks = [ReferralWorkflow(
-                ProfileRegistry.load(), Router(Path(settings.routing_rules)
+                profiles, Router(Path(settings.routing_rules)
                                                if settings.routing_rules else None),
                 settings.platform_organization)]
         if settings.auth_disabled:

@@ -33,11 +33,13 @@ from gateway.fhir.extract import references_in
 from gateway.fhir.references import ID_RE, TYPE_RE, is_known_type
 from gateway.fhir.searchparams import SEARCH_PARAMS
 from gateway.fhir.validate import clean_references, validate_structure
+from gateway.fhir.profiles import ProfileRegistry
 from gateway.service.capability import capability_statement
 from gateway.store.policy import Context
 from gateway.store.repository import SearchPage, Session, Store, Stored, normalize_criteria
 
 READ_METHODS = {"GET", "HEAD"}
+CONFORMANCE_TYPES = {"StructureDefinition", "ValueSet", "CodeSystem"}
 _ETAG_RE = re.compile(r'^(?:W/)?"?([0-9]+)"?$')
 
 
@@ -94,11 +96,68 @@ class FhirService:
     """All FHIR interactions on one store."""
 
     def __init__(self, store: Store, *, max_bundle_entries: int = 1000,
-                 auth_disabled: bool = False) -> None:
+                 auth_disabled: bool = False, profiles: ProfileRegistry | None = None) -> None:
         self.store = store
+        self.profiles = profiles
         self.max_bundle_entries = max_bundle_entries
         self.auth_disabled = auth_disabled
         self.started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    # -- conformance resources and $validate -------------------------------------------------
+    def conformance(self, req: FhirRequest, parts: list[str], base: str = "") -> FhirResponse:
+        """Our StructureDefinitions, ValueSets, CodeSystems (read and search by url/_id)."""
+        assert self.profiles is not None
+        rtype = parts[0]
+        if req.method not in READ_METHODS:
+            raise MethodNotAllowed(f"{rtype} resources are read-only here (they ship in "
+                                   "profiles/)")
+        items = [r for r in self.profiles.resources() if r["resourceType"] == rtype]
+        if len(parts) == 2:
+            found = [r for r in items if r.get("id") == parts[1]]
+            if not found:
+                raise NotFound(f"{rtype}/{parts[1]} is not one of refgw's {rtype}s")
+            return FhirResponse(200, found[0])
+        if len(parts) != 1:
+            raise MethodNotAllowed(f"/{'/'.join(parts)} is not offered for {rtype}")
+        for k, v in req.params:
+            if k == "url":
+                items = [r for r in items if r.get("url") == v.split("|")[0]]
+            elif k == "_id":
+                items = [r for r in items if r.get("id") in v.split(",")]
+            elif k not in ("_count", "_format", "_pretty"):
+                raise BadRequest(f"Search {rtype} by url or _id only, not {k!r}", k)
+        return FhirResponse(200, {
+            "resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "searchset",
+            "total": len(items),
+            "entry": [{"fullUrl": f"{base}/{rtype}/{r['id']}", "resource": r,
+                       "search": {"mode": "match"}} for r in items]})
+
+    def validate(self, req: FhirRequest, rtype: str) -> FhirResponse:
+        """``POST /{type}/$validate``: an OperationOutcome, nothing stored. The body is the
+        resource or a Parameters with ``resource`` (and optionally ``profile``)."""
+        body, profile = req.body, None
+        if isinstance(body, dict) and body.get("resourceType") == "Parameters":
+            params = body.get("parameter") or []
+            body = next((p.get("resource") for p in params if p.get("name") == "resource"),
+                        None)
+            profile = next((p.get("valueUri") or p.get("valueCanonical") for p in params
+                            if p.get("name") == "profile"), None)
+        profile = profile or next((v for k, v in req.params if k == "profile"), None)
+        if not isinstance(body, dict) or body.get("resourceType") != rtype:
+            raise BadRequest(f"$validate needs a {rtype} in the body (or in a Parameters "
+                             "'resource')", "resourceType")
+        resource = copy.deepcopy(body)
+        issues = clean_references(resource, rtype)
+        try:
+            validate_structure(resource)
+        except Unprocessable as err:
+            issues += err.issues
+        if self.profiles is not None:
+            try:
+                issues += self.profiles.validate(resource, profile)
+            except KeyError as exc:
+                raise BadRequest(f"Unknown profile {profile!r}", "profile") from exc
+        return FhirResponse(200, outcome(issues))
 
     def capabilities(self, ctx: Context) -> dict[str, Any]:
         return capability_statement(ctx.base_url or "", self.started,
@@ -128,6 +187,13 @@ class FhirService:
         if parts in (["_history"], ["metadata"]):
             raise MethodNotAllowed(f"{m} /{parts[0]} is not supported (only GET)")
         rtype = parts[0]
+        if rtype in CONFORMANCE_TYPES and self.profiles is not None:
+            return self.conformance(req, parts, (s.ctx.base_url or "").rstrip("/"))
+        if len(parts) == 2 and parts[1] == "$validate":
+            _check_type(rtype)
+            if m != "POST":
+                raise MethodNotAllowed("$validate takes POST with the resource as body")
+            return self.validate(req, rtype)
         _check_type(rtype)
         if len(parts) == 1:
             if m in READ_METHODS:
