@@ -42,7 +42,7 @@ from gateway.fhir.extract import extract
 from gateway.fhir.searchparams import REFERENCE, RESOURCE_TYPES
 from gateway.store.db import Dialect, dialect_of, make_engine
 from gateway.store.policy import AuditRecord, Context
-from gateway.store.schema import INDEX_TABLES, resource_history, resources
+from gateway.store.schema import INDEX_TABLES, resource_history, resources, write_inflight
 from gateway.store.search import (
     IncludeSpec,
     QueryBuilder,
@@ -101,6 +101,10 @@ class _Clock:
             return self._last
 
 
+#: a registered write older than this is taken as dead (a crashed process)
+INFLIGHT_TTL_US = 120 * 1_000_000
+
+
 def _lock_key(text_: str) -> int:
     return int.from_bytes(hashlib.blake2b(text_.encode(), digest_size=8).digest(), "big",
                           signed=True)
@@ -155,7 +159,8 @@ class Store:
     def session(self, ctx: Context | None = None, *, write: bool = False) -> Iterator[Session]:
         """One database transaction. Commits on normal exit, rolls back on any exception."""
         queue = self._sqlite_writers if write and self.dialect == "sqlite" else nullcontext()
-        with queue, self.engine.connect() as conn:
+        inflight = self._inflight() if write and self.dialect == "postgresql" else nullcontext()
+        with queue, inflight, self.engine.connect() as conn:
             if write and self.dialect == "sqlite":
                 conn = conn.execution_options(refgw_write=True)
             session = Session(self, conn, ctx or Context())
@@ -166,6 +171,32 @@ class Store:
                 committed = True
             finally:  # audit what the transaction did only once its fate is known
                 session.report_audit(committed)
+
+
+    @contextmanager
+    def _inflight(self) -> Iterator[None]:
+        """Register a write transaction (committed at once) before it stamps anything, and
+        remove it when it has ended; see migration 0005."""
+        token = uuid.uuid4().hex
+        started = self.clock.now()
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            c.execute(insert(write_inflight).values(
+                token=token, started=started, expires=started + INFLIGHT_TTL_US))
+        try:
+            yield
+        finally:
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+                c.execute(delete(write_inflight).where(write_inflight.c.token == token))
+
+    def visible_horizon(self, conn: Connection) -> int | None:
+        """Rows stamped at or after this instant may still be joined by earlier-stamped rows
+        of transactions in flight: ``_lastUpdated`` polling must not return them yet."""
+        if self.dialect != "postgresql":
+            return None
+        now = self.clock.now()  # before looking: a writer registering later stamps later
+        oldest = conn.execute(select(func.min(write_inflight.c.started)).where(
+            write_inflight.c.expires > now)).scalar()
+        return min(now, oldest) if oldest is not None else now
 
 
 class Session:
@@ -466,6 +497,10 @@ class Session:
         if q.summary == "count":
             return SearchPage([], [], self.count(q), None, None)
         stmt = self._base_stmt(q, resources).order_by(*sort_columns(q))
+        if q.polls_last_updated or q.cursor is not None:
+            horizon = self.store.visible_horizon(self.conn)
+            if horizon is not None:
+                stmt = stmt.where(resources.c.last_updated < horizon)
         if q.keyset:
             stmt = apply_cursor(stmt, q)
         else:

@@ -165,3 +165,13 @@ auth_jti = Table(
     Column("expires", BigInteger, nullable=False),
     Index("ix_auth_jti_expires", "expires"),
 )
+
+# -- in-flight write transactions (migration 0005) --------------------------------------------
+
+write_inflight = Table(
+    "write_inflight",
+    metadata,
+    Column("token", String(36), primary_key=True),
+    Column("started", BigInteger, nullable=False),
+    Column("expires", BigInteger, nullable=False),
+)

@@ -76,6 +76,7 @@ class SearchQuery:
     count: int = 200
     offset: int = 0
     cursor: tuple[int, int] | None = None  # (last_updated, rid) for keyset paging
+    polls_last_updated: bool = False  # has a _lastUpdated condition (a polling cursor)
     sort: list[SortKey] = field(default_factory=list)
     includes: list[IncludeSpec] = field(default_factory=list)
     total_mode: str = "none"  # none | accurate | estimate
@@ -154,6 +155,8 @@ class QueryBuilder:
                 raise
             q.conditions.append(cond)
             q.params.append((name, value))
+            if name == "_lastUpdated":
+                q.polls_last_updated = True
         return q
 
     def _control(self, q: SearchQuery, name: str, value: str, max_count: int) -> None:
