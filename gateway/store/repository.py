@@ -408,7 +408,14 @@ class Session:
         with self._audited(interaction, res_type, res_id):
             current = self._row(res_type, res_id, lock=True)
             if current is None:
-                if self._row(res_type, res_id, policy=False) is not None:
+                hidden = self._row(res_type, res_id, policy=False)
+                if hidden is not None:
+                    if if_match is not None and if_match != hidden.version:
+                        # e.g. a claim race: another CBO took the Task, which so left this
+                        # caller's compartment; its If-Match (from its own read) is stale
+                        raise PreconditionFailed(
+                            f"{res_type}/{res_id} changed since you read it; it is no longer "
+                            "yours to change", "If-Match")
                     raise NotFound(f"{res_type}/{res_id} is not known", f"{res_type}.id")
                 if if_match is not None:
                     raise PreconditionFailed(
