@@ -668,9 +668,12 @@ def test_claim_an_unassigned_task(world: World) -> None:
     r = w.api.put(f"/Task/{tid}", json=claim,
                   headers=w.h("unrelated", **{"If-Match": 'W/"1"'}))
     _assert_outcome(r, 412)
-    # … a competing CBO no longer sees the Task at all
+    # … and so does a competing CBO whose claim lost the race (its If-Match is stale), though
+    # it no longer sees the Task at all; without an If-Match the Task is simply not there
     rival = {**current, "owner": {"reference": OWNER_ORG}}
     r = w.api.put(f"/Task/{tid}", json=rival, headers=w.h("owner", **{"If-Match": 'W/"1"'}))
+    _assert_outcome(r, 412)
+    r = w.api.put(f"/Task/{tid}", json=rival, headers=w.h("owner"))
     _assert_outcome(r, 404)
     assert w.get("owner", f"/Task/{tid}").status_code == 404
     r = w.get("owner", "/Task?owner:missing=true&status=requested&_total=accurate")

@@ -108,6 +108,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                                    settings.external_org_claim, settings.external_audience)
         app.state.auth = AuthServer(keys, ClientRegistry(store.engine), external=external)
         app.state.audit = AuditWriter(store)
+        store.hooks = []  # a store may be shared (tests): set, never append
         if settings.workflow_enabled:
             store.hooks = [ReferralWorkflow(
                 profiles, Router(Path(settings.routing_rules)
