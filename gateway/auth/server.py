@@ -105,6 +105,17 @@ def _unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return _b64json(parts[0]), _b64json(parts[1])
 
 
+def _decode_unexpired(token: str, key: Any, alg: str) -> dict[str, Any]:
+    """The claims of an access token whose signature verifies and which has not expired."""
+    try:
+        claims = jwt.decode(token, key, algorithms=[alg]).claims
+    except JoseError as exc:
+        raise BearerError("invalid_token", "the access token signature is invalid") from exc
+    if not isinstance(claims.get("exp"), int) or claims["exp"] < int(time.time()) - LEEWAY:
+        raise BearerError("invalid_token", "the access token has expired")
+    return claims
+
+
 class AuthServer:
     def __init__(self, keys: SigningKeys, clients: ClientRegistry, *,
                  external: ExternalIdP | None = None) -> None:
@@ -260,14 +271,7 @@ class AuthServer:
         key = self.keys.verifying_key(str(header.get("kid")))
         if key is None:
             raise BearerError("invalid_token", "the access token's signing key is not known")
-        try:
-            t = jwt.decode(token, key, algorithms=[ALG])
-        except JoseError as exc:
-            raise BearerError("invalid_token", "the access token signature is invalid") from exc
-        c = t.claims
-        now = int(time.time())
-        if not isinstance(c.get("exp"), int) or c["exp"] < now - LEEWAY:
-            raise BearerError("invalid_token", "the access token has expired")
+        c = _decode_unexpired(token, key, ALG)
         if c.get("aud") != issuer:
             raise BearerError("invalid_token", "the access token is for another audience")
         client = self.clients.get(str(c.get("client_id")))
@@ -296,14 +300,7 @@ class AuthServer:
         if not keys:
             raise BearerError("invalid_token", "the identity provider's key is not known")
         keyset = KeySet([(RSAKey if k["kty"] == "RSA" else ECKey).import_key(k) for k in keys])
-        try:
-            t = jwt.decode(token, keyset, algorithms=[alg])
-        except JoseError as exc:
-            raise BearerError("invalid_token", "the access token signature is invalid") from exc
-        c = t.claims
-        now = int(time.time())
-        if not isinstance(c.get("exp"), int) or c["exp"] < now - LEEWAY:
-            raise BearerError("invalid_token", "the access token has expired")
+        c = _decode_unexpired(token, keyset, alg)
         if ext.audience:
             aud = c.get("aud")
             if ext.audience not in (aud if isinstance(aud, list) else [aud]):
