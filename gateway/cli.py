@@ -12,6 +12,7 @@ import typer
 
 from gateway import __version__
 from gateway.settings import Settings
+from gateway.workflow.validation import format_policy
 
 app = typer.Typer(help="refgw: referral interoperability gateway (FHIR R4).",
                   no_args_is_help=True, add_completion=False)
@@ -152,6 +153,11 @@ def clients_add(
     platform: Annotated[bool, typer.Option(help="Bind the client to the platform itself "
                                                 "(operators: sees everything its scopes "
                                                 "allow).")] = False,
+    validation: Annotated[list[str] | None, typer.Option(
+        help="Validation policy of this client's writes, TYPE=MODE (repeatable; MODE "
+             "reject, warn or off; a bare MODE means every type). Default: refgw's "
+             "(reject referral Tasks and ServiceRequests, warn Condition/Observation/Goal).")
+    ] = None,
 ) -> None:
     """Register a client (give exactly one of --jwks and --jwks-uri)."""
     from gateway.auth.clients import ClientError, ClientRegistry
@@ -165,7 +171,8 @@ def clients_add(
     try:
         data = json.loads(jwks.read_text()) if jwks else None
         ClientRegistry(store.engine).add(client_id, organization=org, scope=scope, jwks=data,
-                                         jwks_uri=jwks_uri, platform=platform)
+                                         jwks_uri=jwks_uri, platform=platform,
+                                         validation=validation)
     except (ClientError, OSError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(f"client {client_id} registered for {org}")
@@ -180,7 +187,34 @@ def clients_list() -> None:
         keys = "jwks_uri=" + c.jwks_uri if c.jwks_uri else f"{len(c.jwks['keys'])} inline key(s)"
         typer.echo(f"{c.client_id}\t{'active' if c.active else 'DISABLED'}\t"
                    f"{c.organization or '-'}{' (platform)' if c.platform else ''}\t{keys}\t"
-                   f"{c.scope}")
+                   f"{c.scope}\tvalidation={format_policy(c.validation)}")
+
+
+@clients_app.command("validation")
+def clients_validation(
+    client_id: Annotated[str, typer.Argument(help="The client.")],
+    policy: Annotated[list[str] | None, typer.Argument(
+        help="TYPE=MODE ... (MODE reject, warn or off; a bare MODE means every type). "
+             "None: show the current policy.")] = None,
+    reset: Annotated[bool, typer.Option(help="Back to refgw's defaults.")] = False,
+) -> None:
+    """Show or set how strictly a client's writes are validated against refgw's profiles."""
+    from gateway.auth.clients import ClientError, ClientRegistry
+
+    registry = ClientRegistry(_store().engine)
+    try:
+        if reset or policy:
+            current = registry.set_validation(client_id, None if reset else policy)
+        else:
+            client = registry.get(client_id)
+            if client is None:
+                raise ClientError(f"no client {client_id!r}")
+            current = client.validation
+    except ClientError as exc:
+        _fail(str(exc))
+        return
+    typer.echo(f"client {client_id} validation: {format_policy(current)} "
+               "(unlisted types: the deployment's policy, then refgw's defaults)")
 
 
 @clients_app.command("disable")

@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     workflow_enabled: bool = Field(
         default=True, description="Run the referral workflow (profile validation, Task state "
         "machine, coordination). Off only for testing the bare FHIR store.")
+    validation: str = Field(
+        default="", description="Validation policy of the deployment, over refgw's defaults: "
+        "'Condition=off,Task=warn' or 'warn' (every type); modes reject, warn, off. A client's "
+        "own policy (`refgw clients validation`) wins over this.")
     demo_keys_dir: str = Field(
         default=str(DEFAULT_VAR_DIR / "keys"),
         description="Where `refgw serve` writes the demo clients' generated private keys")
@@ -74,6 +78,14 @@ class Settings(BaseSettings):
         for prefix in ("postgres://", "postgresql://"):
             if v.startswith(prefix):
                 return "postgresql+psycopg://" + v[len(prefix) :]
+        return v
+
+    @field_validator("validation")
+    @classmethod
+    def _check_validation(cls, v: str) -> str:
+        from gateway.workflow.validation import parse_policy
+
+        parse_policy(v)  # PolicyError is a ValueError: pydantic reports it at startup
         return v
 
     @property

@@ -17,7 +17,8 @@ Settings and app
 Clients
     ``Partner`` (client_id, key, organization, scope). ``register(store, client_id, ...)``
     registers one through ``ClientRegistry(store.engine).add`` (a new ES384 key unless ``key`` is
-    given; inline JWKS unless ``jwks_uri`` is given). ``register_platform(store, ...)`` registers
+    given; inline JWKS unless ``jwks_uri`` is given; ``validation`` = the client's validation
+    policy). ``register_platform(store, ...)`` registers
     a platform client (``Organization/refgw-platform``, ``system/*.cruds``).
 Assertions
     ``assertion(partner, **claims)``: a valid signed client assertion (claims override the
@@ -135,7 +136,7 @@ def register(store: Store, client_id: str | None = None, *,
              organization: str | None = "Organization/partner-a",
              scope: str = "system/Task.cruds system/ServiceRequest.cruds",
              key: RSAKey | ECKey | None = None, jwks_uri: str | None = None,
-             platform: bool = False) -> Partner:
+             platform: bool = False, validation: Any = None) -> Partner:
     """Register a client with ``ClientRegistry(store.engine).add``.
 
     The public key of ``key`` (default: a new EC P-384 key) is registered inline, unless
@@ -145,7 +146,8 @@ def register(store: Store, client_id: str | None = None, *,
     key = key or ec_key()
     ClientRegistry(store.engine).add(
         client_id, organization=organization, scope=scope,
-        jwks=None if jwks_uri else jwks_of(key), jwks_uri=jwks_uri, platform=platform)
+        jwks=None if jwks_uri else jwks_of(key), jwks_uri=jwks_uri, platform=platform,
+        validation=validation)
     return Partner(client_id, key, organization, scope)
 
 

@@ -96,6 +96,35 @@ def test_clients_add_list_disable(cli, store: Store, tmp_path: Path) -> None:
     assert r.returncode == 1 and "no-such-client" in r.stderr, (r.returncode, r.stderr)
 
 
+def test_clients_validation_policy(cli, store: Store, tmp_path: Path) -> None:
+    jwks = _jwks_file(tmp_path, jwks_of(ec_key("k1")))
+    r = cli("clients", "add", "ehr-1", "--org", "Organization/x", "--jwks", str(jwks),
+            "--scope", SCOPE, "--validation", "Task=warn", "--validation", "Condition=off")
+    assert r.returncode == 0, r.stderr
+    assert ClientRegistry(store.engine).get("ehr-1").validation == {
+        "Task": "warn", "Condition": "off"}
+    assert _list_line(cli, "ehr-1").split("\t")[5] == "validation=Condition=off,Task=warn"
+
+    r = cli("clients", "validation", "ehr-1")
+    assert r.returncode == 0 and "Condition=off,Task=warn" in r.stdout, r.stderr
+    r = cli("clients", "validation", "ehr-1", "ServiceRequest=warn")
+    assert r.returncode == 0, r.stderr
+    assert ClientRegistry(store.engine).get("ehr-1").validation == {"ServiceRequest": "warn"}
+    r = cli("clients", "validation", "ehr-1", "--reset")
+    assert r.returncode == 0 and "validation: -" in r.stdout, r.stdout
+    assert ClientRegistry(store.engine).get("ehr-1").validation == {}
+
+    # a wrong mode or type is a failure that names it, and changes nothing
+    r = cli("clients", "validation", "ehr-1", "Task=lenient")
+    assert r.returncode == 1 and "'lenient'" in r.stderr, (r.returncode, r.stderr)
+    r = cli("clients", "add", "ehr-2", "--org", "Organization/x", "--jwks", str(jwks),
+            "--scope", SCOPE, "--validation", "Tsk=warn")
+    assert r.returncode == 1 and "'Tsk'" in r.stderr, (r.returncode, r.stderr)
+    assert ClientRegistry(store.engine).get("ehr-2") is None
+    r = cli("clients", "validation", "nobody", "warn")
+    assert r.returncode == 1 and "nobody" in r.stderr
+
+
 def test_clients_add_with_jwks_uri_and_platform(cli, store: Store) -> None:
     r = cli("clients", "add", "partner-ehr", "--org", "Organization/ehr", "--jwks-uri",
             "https://partner.example.org/.well-known/jwks.json", "--scope", "system/Task.cruds")

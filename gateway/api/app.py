@@ -38,6 +38,7 @@ from gateway.auth.server import AuthServer, ExternalIdP
 from gateway.fhir.profiles import ProfileRegistry
 from gateway.service.rest import FhirRequest, FhirResponse, FhirService
 from gateway.workflow.referrals import ReferralWorkflow
+from gateway.workflow.validation import parse_policy
 from gateway.workflow.routing import Router
 from gateway.settings import Settings
 from gateway.store.policy import Context
@@ -84,6 +85,19 @@ def _error_response(err: GatewayError, fmt: str = formats.JSON, pretty: bool = F
                     media_type=formats.content_type(fmt))
 
 
+def _load_demo(service: FhirService, store: Store, settings: Settings,
+               audit: AuditWriter) -> int:
+    from gateway.demo import load_demo
+    from gateway.demo.referrals import DemoError, load_demo_referrals
+
+    load_demo(store)  # the network they refer to (idempotent; `refgw serve` loads it first)
+    try:
+        return load_demo_referrals(service, settings.platform_organization, audit)
+    except DemoError as exc:  # the gateway still serves; the demo is only a demo
+        log.error("the demo referrals could not be loaded: %s", exc)
+        return 0
+
+
 def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
     """The refgw HTTP application. Pass ``store`` to share one with the caller (tests, CLI)."""
     settings = settings or Settings()
@@ -113,7 +127,13 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             store.hooks = [ReferralWorkflow(
                 profiles, Router(Path(settings.routing_rules)
                                                if settings.routing_rules else None),
-                settings.platform_organization)]
+                settings.platform_organization, parse_policy(settings.validation))]
+        if settings.load_demo and settings.workflow_enabled:
+            # the demo referrals go through the service and the workflow set up above
+            n = await run_in_threadpool(_load_demo, app.state.service, store, settings,
+                                        app.state.audit)
+            if n:
+                log.info("loaded %d demo referrals", n)
         if settings.auth_disabled:
             log.warning("AUTH IS DISABLED (REFGW_AUTH_DISABLED=true): every caller can read "
                         "and change every resource. Never run this with real data.")

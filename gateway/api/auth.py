@@ -138,7 +138,8 @@ def request_context(request: Request, base: str) -> Context:
         audit.record(AuditRecord("read" if request.method in ("GET", "HEAD") else "operation",
                                  None, None, "denied", Caller()))
         raise unauthorized(err) from err
-    caller = Caller(info.client_id, info.organization, tuple(str(s) for s in info.scopes))
+    caller = Caller(info.client_id, info.organization, tuple(str(s) for s in info.scopes),
+                    info.validation)
     return Context(caller=caller, policy=OrgPolicy(info.organization, info.scopes,
                                                    info.platform),
                    audit=audit, base_url=base)

@@ -74,6 +74,12 @@ def audit_event(rec: AuditRecord) -> dict[str, Any]:
         event["entity"] = [{"what": {"reference": f"{rec.res_type}/{rec.res_id}"}}]
     elif rec.res_type:
         event["entity"] = [{"what": {"display": rec.res_type}}]
+    if rec.issues and "entity" in event:
+        # element paths and codes only (AuditRecord.issues carries no values: no PHI)
+        event["entity"][0]["detail"] = [{"type": "issue", "valueString": i}
+                                        for i in rec.issues[:50]]
+        if rec.outcome == "success":
+            event["outcomeDesc"] = f"stored with {len(rec.issues)} validation warning(s)"
     return event
 
 

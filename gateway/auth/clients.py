@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -39,6 +39,8 @@ class Client:
     scope: str
     active: bool
     platform: bool
+    #: validation policy of this client's writes (``gateway.workflow.validation``); {} = defaults
+    validation: dict[str, str] = field(default_factory=dict)
 
 
 def _check_jwks(jwks: Any) -> dict[str, Any]:
@@ -83,6 +85,20 @@ def _check_scope(scope: str) -> None:
                     raise ClientError(f"{s}: {exc}") from exc
 
 
+def _check_validation(validation: Any) -> dict[str, str]:
+    from gateway.workflow.validation import PolicyError, parse_policy
+
+    try:
+        return parse_policy(validation)
+    except PolicyError as exc:
+        raise ClientError(str(exc)) from exc
+
+
+def _client(r: Any) -> Client:
+    return Client(r.client_id, r.organization, r.jwks, r.jwks_uri, r.scope, r.active,
+                  r.platform, dict(r.validation or {}))
+
+
 class ClientRegistry:
     def __init__(self, engine: Engine, http: httpx.Client | None = None) -> None:
         self.engine = engine
@@ -94,7 +110,7 @@ class ClientRegistry:
     # -- registration ----------------------------------------------------------------------
     def add(self, client_id: str, *, organization: str | None, scope: str,
             jwks: dict[str, Any] | None = None, jwks_uri: str | None = None,
-            platform: bool = False) -> Client:
+            platform: bool = False, validation: Any = None) -> Client:
         if not client_id or len(client_id) > 128:
             raise ClientError("client_id must be 1-128 characters")
         if (jwks is None) == (jwks_uri is None):
@@ -106,6 +122,7 @@ class ClientRegistry:
         if not platform and (not organization or not organization.startswith("Organization/")):
             raise ClientError("a client acts for an Organization: --org Organization/ID")
         _check_scope(scope)
+        policy = _check_validation(validation)
         # Insert first and let the primary key refuse a duplicate: a SELECT first would start
         # a read snapshot, and on SQLite (WAL) a deferred transaction whose snapshot went stale
         # (the server wrote meanwhile) fails at once with "database is locked".
@@ -114,10 +131,10 @@ class ClientRegistry:
                 conn.execute(insert(auth_clients).values(
                     client_id=client_id, organization=organization, jwks=jwks,
                     jwks_uri=jwks_uri, scope=scope, active=True, platform=platform,
-                    created=int(time.time())))
+                    created=int(time.time()), validation=policy or None))
         except IntegrityError as exc:
             raise ClientError(f"client {client_id!r} already exists") from exc
-        return Client(client_id, organization, jwks, jwks_uri, scope, True, platform)
+        return Client(client_id, organization, jwks, jwks_uri, scope, True, platform, policy)
 
     def set_active(self, client_id: str, active: bool) -> None:
         with self.engine.begin() as conn:
@@ -125,6 +142,17 @@ class ClientRegistry:
                 auth_clients.c.client_id == client_id).values(active=active)).rowcount
         if not n:
             raise ClientError(f"no client {client_id!r}")
+
+    def set_validation(self, client_id: str, validation: Any) -> dict[str, str]:
+        """Replace the client's validation policy ({} or None: back to the defaults)."""
+        policy = _check_validation(validation)
+        with self.engine.begin() as conn:
+            n = conn.execute(update(auth_clients).where(
+                auth_clients.c.client_id == client_id).values(
+                    validation=policy or None)).rowcount
+        if not n:
+            raise ClientError(f"no client {client_id!r}")
+        return policy
 
     def set_jwks(self, client_id: str, jwks: dict[str, Any]) -> None:
         """Replace an inline JWKS (key rollover of a client)."""
@@ -139,16 +167,12 @@ class ClientRegistry:
         with self.engine.connect() as conn:
             r = conn.execute(select(auth_clients).where(
                 auth_clients.c.client_id == client_id)).first()
-        if r is None:
-            return None
-        return Client(r.client_id, r.organization, r.jwks, r.jwks_uri, r.scope, r.active,
-                      r.platform)
+        return None if r is None else _client(r)
 
     def all(self) -> list[Client]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(auth_clients).order_by(auth_clients.c.client_id)).all()
-        return [Client(r.client_id, r.organization, r.jwks, r.jwks_uri, r.scope, r.active,
-                       r.platform) for r in rows]
+        return [_client(r) for r in rows]
 
     # -- keys ------------------------------------------------------------------------------
     def keys_for(self, client: Client, *, refetch: bool = False) -> list[dict[str, Any]]:

@@ -77,6 +77,8 @@ class TokenInfo:
     scopes: tuple[Scope, ...]
     platform: bool
     expires: int
+    #: the client's validation policy (``gateway.workflow.validation``), as (type, mode) pairs
+    validation: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,7 +284,7 @@ class AuthServer:
         except ScopeError as exc:
             raise BearerError("invalid_token", "the token's scope is malformed") from exc
         return TokenInfo(client.client_id, client.organization, scopes, client.platform,
-                         int(c["exp"]))
+                         int(c["exp"]), tuple(sorted(client.validation.items())))
 
     def _verify_external(self, token: str, header: dict[str, Any]) -> TokenInfo:
         ext = self.external

@@ -170,8 +170,10 @@ class FhirService:
             return FhirResponse(200, self.capabilities(ctx))
         if not parts and req.method == "POST":
             return self.bundle(req, ctx)
+        # POST _search and $validate read (or touch nothing): no write transaction, which
+        # on SQLite would queue behind every writer
         write = req.method not in READ_METHODS and not (
-            len(parts) == 2 and parts[1] == "_search")
+            len(parts) == 2 and parts[1] in ("_search", "$validate"))
         with self.store.session(ctx, write=write) as s:
             return self.dispatch(s, req, parts)
 
@@ -244,6 +246,10 @@ class FhirService:
         if location:
             headers["Location"] = self._location(ctx, stored)
         issues = issues or []
+        if issues:
+            # a resource body has no room for them: say how many, and how to read them
+            headers["X-Refgw-Issues"] = (f"{len(issues)} issue(s); send 'Prefer: "
+                                         "return=OperationOutcome' to read them")
         body: dict[str, Any] | None = stored.body
         if req.method in ("POST", "PUT", "PATCH"):
             ret = req.prefer("return")

@@ -26,6 +26,8 @@ class Caller:
     client_id: str | None = None
     organization: str | None = None  # "Organization/<id>"
     scopes: tuple[str, ...] = ()
+    #: the client's own validation policy, (resource type or "*", mode) pairs
+    validation: tuple[tuple[str, str], ...] = ()
 
 
 class AccessPolicy(Protocol):
@@ -54,6 +56,9 @@ class AuditRecord:
     res_id: str | None
     outcome: str  # success | denied | failed
     caller: Caller = field(default_factory=Caller)
+    #: the issues found ("severity code refgw-code expression", no values: no PHI), e.g. the
+    #: validation warnings of a write stored under a "warn" policy, or why a write failed
+    issues: tuple[str, ...] = ()
 
 
 class AllowAll:

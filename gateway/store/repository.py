@@ -231,9 +231,11 @@ class Session:
         return self._now
 
     def _audit(self, interaction: str, res_type: str | None, res_id: str | None,
-               outcome: str = "success") -> None:
-        self._audit_records.append(AuditRecord(interaction, res_type, res_id, outcome,
-                                               self.ctx.caller))
+               outcome: str = "success", issues: list[Issue] | None = None) -> None:
+        self._audit_records.append(AuditRecord(
+            interaction, res_type, res_id, outcome, self.ctx.caller,
+            tuple(f"{i.severity} {i.code} {i.refgw_code or '-'} {','.join(i.expression)}"
+                  for i in issues or ())))
 
     def report_audit(self, committed: bool) -> None:
         """Hand this transaction's audit records to the sink. When it rolled back, nothing it
@@ -250,16 +252,18 @@ class Session:
                  res_id: str | None = None) -> Iterator[_AuditTarget]:
         """Check the caller's scopes for ``interaction``, then audit its outcome."""
         target = _AuditTarget(res_id)
+        seen = len(self.warnings)
         try:
             self.ctx.policy.authorize(interaction, res_type)
             yield target
         except Forbidden:
             self._audit(interaction, res_type, target.res_id, "denied")
             raise
-        except GatewayError:
-            self._audit(interaction, res_type, target.res_id, "failed")
+        except GatewayError as err:
+            self._audit(interaction, res_type, target.res_id, "failed", err.issues)
             raise
-        self._audit(interaction, res_type, target.res_id)
+        # the warnings this interaction produced (validation under a "warn" policy)
+        self._audit(interaction, res_type, target.res_id, issues=self.warnings[seen:])
 
     def _visible(self, res_type: str):
         return self.ctx.policy.visible(res_type, resources)

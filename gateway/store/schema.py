@@ -144,6 +144,8 @@ auth_clients = Table(
     Column("active", Boolean, nullable=False),
     Column("platform", Boolean, nullable=False),
     Column("created", BigInteger, nullable=False),
+    # validation policy of this client's writes ({"Task": "warn"}); NULL = the defaults
+    Column("validation", JSON, nullable=True),
 )
 
 auth_signing_keys = Table(

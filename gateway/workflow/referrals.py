@@ -5,7 +5,8 @@
 - ``before_write`` claims the IG profile on referral Tasks and ServiceRequests that arrive
   without one (a Task with ``code=fulfill`` and ``intent=order`` is a referral Task whatever its
   ``meta.profile`` says), validates every resource that claims one of our profiles against the
-  StructureDefinitions in ``profiles/`` (policy per resource type: reject, warn or off), and
+  StructureDefinitions in ``profiles/`` (reject, warn or off by resource type, deployment and
+  client: ``gateway.workflow.validation``), and
   checks Task status changes against the state machine (``taskstate``) for the caller's role;
 - ``after_write`` does the Coordination Platform's duties (SDOH Clinical Care IG, indirect
   referrals, ``refer-1``/``refer-2``): a referral Task addressed to the platform (owner = the
@@ -30,6 +31,7 @@ from gateway.fhir.profiles import ProfileRegistry
 from gateway.store.policy import AllowAll, Caller, Context
 from gateway.workflow import taskstate
 from gateway.workflow.routing import Router, facts_from
+from gateway.workflow.validation import mode_for
 
 if TYPE_CHECKING:
     from gateway.store.repository import Session, Stored
@@ -45,9 +47,8 @@ CAPACITY_EXT = IG + "SDOHCC-ExtensionHealthcareServiceCapacityStatus"
 REASON_SYSTEM = "https://refgw.org/fhir/CodeSystem/refgw-reason"
 AT_CAPACITY = "at-capacity"
 
-#: validation policy by resource type (others: "reject" when they claim one of our profiles)
-DEFAULT_POLICY = {"Task": "reject", "ServiceRequest": "reject", "Condition": "warn",
-                  "Observation": "warn", "Goal": "warn"}
+#: the caller id of refgw's own writes (coordination, mirroring, re-routing)
+WORKFLOW_CLIENT = "refgw-workflow"
 
 
 def is_referral_task(task: dict[str, Any] | None) -> bool:
@@ -95,7 +96,8 @@ class ReferralWorkflow:
         self.profiles = profiles
         self.router = router
         self.platform_org = platform_org
-        self.policy = {**DEFAULT_POLICY, **(policy or {})}
+        #: the deployment's validation policy (REFGW_VALIDATION) over refgw's defaults
+        self.policy = dict(policy or {})
         self._known = set(profiles.profile_urls())
 
     # -- before ----------------------------------------------------------------------------
@@ -106,7 +108,7 @@ class ReferralWorkflow:
             self._check_status(session, old, new)
         elif res_type == "ServiceRequest" and is_referral_task_focus(new):
             self._claim(new, SR_PROFILE)
-        return self._validate(res_type, new)
+        return self._validate(session, res_type, old, new)
 
     @staticmethod
     def _claim(resource: dict[str, Any], profile: str, drop: str | None = None) -> None:
@@ -116,10 +118,16 @@ class ReferralWorkflow:
             profiles.append(profile)
         meta["profile"] = profiles
 
-    def _validate(self, res_type: str, resource: dict[str, Any]) -> list[Issue]:
+    def _validate(self, session: Session, res_type: str, old: Stored | None,
+                  resource: dict[str, Any]) -> list[Issue]:
         claimed = [p for p in (resource.get("meta") or {}).get("profile") or []
                    if p in self._known]
-        mode = self.policy.get(res_type, "reject")
+        caller = session.ctx.caller
+        mode = mode_for(res_type, self.policy, dict(caller.validation))
+        if caller.client_id == WORKFLOW_CLIENT and old is not None and mode == "reject":
+            # refgw mirroring a CBO's change onto a referrer's Task that the referrer's own
+            # policy let in imperfect: the CBO's status change must not be lost over it
+            mode = "warn"
         if not claimed or mode == "off":
             return []
         issues = self.profiles.validate(resource)
@@ -184,7 +192,7 @@ class ReferralWorkflow:
 
     def _system(self, session: Session) -> Session:
         """The same transaction, acting as the platform."""
-        ctx = Context(caller=Caller(client_id="refgw-workflow", organization=self.platform_org),
+        ctx = Context(caller=Caller(client_id=WORKFLOW_CLIENT, organization=self.platform_org),
                       policy=AllowAll(), audit=session.ctx.audit, base_url=session.ctx.base_url)
         return session.child(ctx)
 
