@@ -270,6 +270,39 @@ def test_unmatched_referral_is_left_for_claiming(world: World) -> None:
         claim["id"]]
 
 
+def test_the_claim_pool_shows_the_need_not_the_family(world: World) -> None:
+    """Every CBO that may claim sees an unassigned referral's Task and what service it asks
+    for, but not the Patient, the Consent or the referrer's notes until one CBO claims it;
+    then the claimer sees them, the filler order names it, and the referrer sees who took it."""
+    w = world
+    bundle = referral("veteran-status")
+    bundle["entry"][1]["resource"]["note"] = [{"text": "Lives with her sister; call after 5"}]
+    ids = send(w, bundle)
+    r = w.get("pantry", "/Task?owner:missing=true&status=requested&_include=Task:focus"
+                        "&_include=Task:patient")
+    items = [e["resource"] for e in r.json()["entry"]]
+    assert sorted(i["resourceType"] for i in items) == ["ServiceRequest", "Task"], items
+    task = next(i for i in items if i["resourceType"] == "Task")
+    filler = next(i for i in items if i["resourceType"] == "ServiceRequest")
+    assert filler["category"] and "note" not in filler and "performer" not in filler
+    patient = task["for"]["reference"]
+    for who in ("pantry", "housing"):
+        assert w.get(who, f"/{patient}").status_code == 404
+        assert w.get(who, f"/Patient?_id={patient.split('/')[1]}").json().get("total") == 0
+
+    claim = {**task, "owner": {"reference": HOUSING}}
+    r = w.api.put(f"/Task/{task['id']}", json=claim, headers=w.h(
+        "housing", **{"If-Match": f'W/"{task["meta"]["versionId"]}"'}))
+    assert r.status_code == 200, r.text
+    assert w.get("housing", f"/{patient}").status_code == 200
+    assert w.get("pantry", f"/{patient}").status_code == 404
+    filler = w.get("housing", f"/ServiceRequest/{filler['id']}").json()
+    assert filler["note"] == [{"text": "Lives with her sister; call after 5"}]
+    assert filler["performer"] == [{"reference": HOUSING}]
+    assert w.get("pantry", f"/ServiceRequest/{filler['id']}").status_code == 404
+    assert HOUSING in source_task(w, ids["Task"])["businessStatus"]["text"]
+
+
 def test_broken_referral_task_gets_plain_words(world: World) -> None:
     w = world
     bundle = referral()

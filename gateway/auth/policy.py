@@ -8,7 +8,11 @@ Compartments (caller = a client acting for Organization O):
 
 - **Task**: visible when O is its ``requester`` or ``owner`` (directly, or through a
   PractitionerRole of O as requester), or O created it; unassigned ``requested`` Tasks are also
-  visible to callers whose scopes allow updating Tasks, so that they can claim them.
+  visible to callers whose scopes allow updating Tasks, so that they can claim them. That claim
+  pool shows only the Task and its focus ServiceRequest (what service, which need; refgw leaves
+  the free-text notes and supporting information out of the filler order of an unassigned
+  referral): the Patient, Consent and other resources it points at open only to the CBO that
+  claims it (minimum necessary: a family's data is not broadcast to every CBO).
 - **ServiceRequest**: visible when O is its requester or performer, or created it, or it is the
   focus / basis of a Task visible to O.
 - **Everything a visible referral points at** (Patient, Consent, Condition, Procedure …; every
@@ -133,7 +137,9 @@ class OrgPolicy:
                 r.c.res_type == "PractitionerRole", r.c.param == "organization",
                 r.c.target_type == "Organization", r.c.target_id == self.org_id)))
 
-    def _task_rids(self, resources: Table):
+    def _task_rids(self, resources: Table, *, pool: bool = True):
+        """rids of the Tasks O may see; with ``pool``, also the unassigned requested Tasks
+        open for claiming (when O may update Tasks)."""
         r = sp_reference
         parts = [
             self._refs_to_org("Task", ("owner", "requester")),
@@ -143,14 +149,14 @@ class OrgPolicy:
             select(resources.c.rid).where(resources.c.res_type == "Task",
                                           resources.c.author_org == self.organization),
         ]
-        if granting(self.scopes, "Task", "u"):
+        if pool and granting(self.scopes, "Task", "u"):
             owned = select(r.c.rid).where(r.c.res_type == "Task", r.c.param == "owner")
             parts.append(select(sp_token.c.rid).where(
                 sp_token.c.res_type == "Task", sp_token.c.param == "status",
                 sp_token.c.code == "requested", sp_token.c.rid.not_in(owned)))
         return union(*parts)
 
-    def _sr_rids(self, resources: Table):
+    def _sr_rids(self, resources: Table, *, pool: bool = True):
         r = sp_reference
         sr = resources.alias("sr_vis")
         return union(
@@ -164,7 +170,7 @@ class OrgPolicy:
                                           r.c.target_id == sr.c.fhir_id))
             .where(sr.c.res_type == "ServiceRequest", r.c.res_type == "Task",
                    r.c.param.in_(("focus", "based-on")),
-                   r.c.rid.in_(self._task_rids(resources))),
+                   r.c.rid.in_(self._task_rids(resources, pool=pool))),
         )
 
     def visible(self, res_type: str, resources: Table) -> ColumnElement[bool] | None:
@@ -184,13 +190,15 @@ class OrgPolicy:
         else:
             r = sp_reference
             # Two IN tests, not union(task_rids, sr_rids): a UNION of UNIONs renders as
-            # parenthesized compound SELECTs, which SQLite rejects.
+            # parenthesized compound SELECTs, which SQLite rejects. The claim pool does not
+            # open what its referrals point at: the Patient, Consent and Conditions of an
+            # unassigned referral stay hidden until a CBO has claimed it.
             compartment = or_(
                 resources.c.author_org == self.organization,
                 resources.c.fhir_id.in_(select(r.c.target_id).where(
                     r.c.param == "_ref", r.c.target_type == res_type,
-                    or_(r.c.rid.in_(self._task_rids(resources)),
-                        r.c.rid.in_(self._sr_rids(resources))))),
+                    or_(r.c.rid.in_(self._task_rids(resources, pool=False)),
+                        r.c.rid.in_(self._sr_rids(resources, pool=False))))),
             )
         if scope_cond is None:
             return compartment

@@ -49,6 +49,12 @@ AT_CAPACITY = "at-capacity"
 
 #: the caller id of refgw's own writes (coordination, mirroring, re-routing)
 WORKFLOW_CLIENT = "refgw-workflow"
+#: what a filler order copies from the referrer's ServiceRequest
+FILLER_ELEMENTS = frozenset({
+    "category", "code", "subject", "priority", "supportingInfo", "reasonCode",
+    "reasonReference", "occurrenceDateTime", "occurrencePeriod", "orderDetail", "note"})
+#: ... of which an unassigned filler order gets only once a CBO has claimed it
+AFTER_CLAIM = frozenset({"supportingInfo", "reasonCode", "reasonReference", "note"})
 
 
 def is_referral_task(task: dict[str, Any] | None) -> bool:
@@ -181,10 +187,13 @@ class ReferralWorkflow:
             if self._coordinated(body):
                 self._coordinate(system, stored)
             return
+        part_of = _ref(body, "partOf")
+        if part_of and _ref(old.body, "owner") is None and _ref(body, "owner") \
+                and _ref(body, "requester") == self.platform_org:
+            self._claimed(system, body, part_of)
         before = (old.body or {}).get("status")
         if before == body.get("status"):
             return
-        part_of = _ref(body, "partOf")
         if part_of and _ref(body, "requester") == self.platform_org:
             self._mirror_up(system, body, part_of)
         elif body.get("status") == "cancelled" and self._coordinated(old.body or {}):
@@ -235,10 +244,10 @@ class ReferralWorkflow:
             return
         sr = sr_stored.body or {}
         decision = self._route(s, sr, exclude)
-        filler = {k: copy.deepcopy(v) for k, v in sr.items()
-                  if k in ("category", "code", "subject", "priority", "supportingInfo",
-                           "reasonCode", "reasonReference", "occurrenceDateTime",
-                           "occurrencePeriod", "orderDetail", "note")}
+        # an unassigned referral is seen by every CBO that may claim it: its filler order
+        # says what is needed, and gets the details only when a CBO has claimed it
+        copied = FILLER_ELEMENTS if decision.owner else FILLER_ELEMENTS - AFTER_CLAIM
+        filler = {k: copy.deepcopy(v) for k, v in sr.items() if k in copied}
         filler.update({
             "resourceType": "ServiceRequest", "meta": {"profile": [SR_PROFILE]},
             "status": "active", "intent": "filler-order",
@@ -291,6 +300,28 @@ class ReferralWorkflow:
         if down.get("businessStatus"):
             src["businessStatus"] = copy.deepcopy(down["businessStatus"])
         s.update(src, source.id, method="PUT")
+
+    def _claimed(self, s: Session, down: dict[str, Any], source_ref: str) -> None:
+        """A CBO claimed an unassigned downstream Task: its filler order now names the CBO as
+        performer and gets the details held back from the claim pool; the referrer sees who
+        took it."""
+        owner = _ref(down, "owner")
+        focus = _split(_ref(down, "focus"))
+        filler = s.peek(*focus) if focus and focus[0] == "ServiceRequest" else None
+        if filler is not None and filler.body is not None:
+            body = dict(filler.body)
+            based = _split(_ref(body, "basedOn"))
+            original = s.peek(*based) if based and based[0] == "ServiceRequest" else None
+            for k in AFTER_CLAIM:
+                if original is not None and k in (original.body or {}):
+                    body[k] = copy.deepcopy(original.body[k])
+            body["performer"] = [{"reference": owner}]
+            s.update(body, filler.id, method="PUT")
+        target = _split(source_ref)
+        source = s.peek(*target) if target else None
+        if source is not None and source.body is not None:
+            s.update({**source.body, "businessStatus": {"text": f"Claimed by {owner}"}},
+                     source.id, method="PUT")
 
     def _declined(self, s: Session, source_id: str) -> set[str]:
         out = set()
