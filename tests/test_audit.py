@@ -310,14 +310,33 @@ def test_only_the_platform_reads_the_audit_trail(audited: Audited) -> None:
     r = a.api.get("/AuditEvent?_total=accurate", headers=a.h("referrer"))
     assert r.json()["total"] == 0
     assert a.api.get(f"/AuditEvent/{some_id}", headers=a.h("referrer")).status_code == 404
-    # nor may a partner write or erase any
+    # nor may anyone, not even the platform, write, change or erase any: append-only
     ev = {"resourceType": "AuditEvent", "type": {"code": "rest"}, "recorded":
           "2025-01-01T00:00:00Z", "agent": [{"requestor": True}], "source": {"observer": {}}}
-    r = a.api.post("/AuditEvent", json=ev, headers=a.h("referrer"))
-    assert r.status_code == 403
-    assert a.api.delete(f"/AuditEvent/{some_id}", headers=a.h("referrer")).status_code == 404
-    r = a.api.put(f"/AuditEvent/{some_id}", json={**ev, "id": some_id}, headers=a.h("referrer"))
-    assert r.status_code == 404
+    for who in ("referrer", "platform"):
+        h = a.h(who)
+        attempts = [
+            a.api.post("/AuditEvent", json=ev, headers=h),
+            a.api.delete(f"/AuditEvent/{some_id}", headers=h),
+            a.api.put(f"/AuditEvent/{some_id}", json={**ev, "id": some_id}, headers=h),
+            a.api.patch(f"/AuditEvent/{some_id}", json=[{"op": "remove", "path": "/agent"}],
+                        headers={**h, "Content-Type": "application/json-patch+json"}),
+            a.api.delete(f"/AuditEvent?_id={some_id}", headers=h),
+            a.api.post("/", headers=h, json={"resourceType": "Bundle", "type": "batch",
+                                             "entry": [{"request": {
+                                                 "method": "DELETE",
+                                                 "url": f"AuditEvent/{some_id}"}}]}),
+        ]
+        for r in attempts[:-1]:
+            assert r.status_code == 405, (who, r.request.method, r.text)
+            assert "append-only" in r.json()["issue"][0]["diagnostics"]
+        assert attempts[-1].json()["entry"][0]["response"]["status"].startswith("405")
+    assert a.api.get(f"/AuditEvent/{some_id}", headers=a.h("platform")).json()[
+        "meta"]["versionId"] == "1"
+    meta = a.api.get("/metadata").json()
+    audit_caps = next(r for r in meta["rest"][0]["resource"] if r["type"] == "AuditEvent")
+    assert {i["code"] for i in audit_caps["interaction"]} == {
+        "read", "vread", "history-instance", "history-type", "search-type"}
     # system history of a partner does not carry the audit trail either
     r = a.api.get("/_history", headers=a.h("referrer"))
     assert "AuditEvent" not in json.dumps(r.json().get("entry", []))

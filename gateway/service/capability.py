@@ -9,6 +9,9 @@ from gateway.fhir.searchparams import COMMON, INCLUDES, SEARCH_PARAMS
 
 INTERACTIONS = ["read", "vread", "update", "patch", "delete", "history-instance",
                 "history-type", "create", "search-type"]
+READ_ONLY_INTERACTIONS = ["read", "vread", "history-instance", "history-type", "search-type"]
+#: types no client writes through the API (refgw writes them itself)
+READ_ONLY_TYPES = {"AuditEvent"}
 
 
 def security(base_url: str, auth_disabled: bool) -> dict[str, Any]:
@@ -40,9 +43,11 @@ def capability_statement(base_url: str, software_date: str, *,
             {"name": p.name, "type": p.type, **({"documentation": p.doc} if p.doc else {})}
             for p in list(COMMON.values()) + list(SEARCH_PARAMS[rtype].values())
         ]
+        read_only = rtype in READ_ONLY_TYPES
         entry: dict[str, Any] = {
             "type": rtype,
-            "interaction": [{"code": c} for c in INTERACTIONS],
+            "interaction": [{"code": c} for c in
+                            (READ_ONLY_INTERACTIONS if read_only else INTERACTIONS)],
             "versioning": "versioned-update",
             "readHistory": True,
             "updateCreate": True,
@@ -53,6 +58,12 @@ def capability_statement(base_url: str, software_date: str, *,
             "referencePolicy": ["literal", "logical"],
             "searchParam": params,
         }
+        if read_only:
+            for k in ("updateCreate", "conditionalCreate", "conditionalUpdate"):
+                entry[k] = False
+            entry["conditionalDelete"] = "not-supported"
+            entry["documentation"] = ("Append-only: refgw writes every AuditEvent itself; no "
+                                      "client, not even the platform's, may change one.")
         includes = [f"{rtype}:{p}" for p in INCLUDES.get(rtype, ())]
         if includes:
             entry["searchInclude"] = includes

@@ -34,7 +34,7 @@ from gateway.fhir.references import ID_RE, TYPE_RE, is_known_type
 from gateway.fhir.searchparams import SEARCH_PARAMS
 from gateway.fhir.validate import clean_references, validate_structure
 from gateway.fhir.profiles import ProfileRegistry
-from gateway.service.capability import capability_statement
+from gateway.service.capability import READ_ONLY_TYPES, capability_statement
 from gateway.store.policy import Context
 from gateway.store.repository import SearchPage, Session, Store, Stored, normalize_criteria
 
@@ -197,6 +197,11 @@ class FhirService:
                 raise MethodNotAllowed("$validate takes POST with the resource as body")
             return self.validate(req, rtype)
         _check_type(rtype)
+        if rtype in READ_ONLY_TYPES and m not in READ_METHODS and not (
+                m == "POST" and len(parts) == 2 and parts[1] == "_search"):
+            raise MethodNotAllowed(f"The audit trail is append-only: refgw writes every "
+                                   f"{rtype} itself, and no client may create, change or "
+                                   f"delete one ({m} refused)", rtype)
         if len(parts) == 1:
             if m in READ_METHODS:
                 return self.search(s, req, rtype)
