@@ -157,6 +157,12 @@ class NotFound(GatewayError):
     refgw_code = "5004"
 
 
+class Hidden(NotFound):
+    """The resource exists but is outside the caller's compartment. Renders exactly like
+    NotFound (a caller must not learn that it exists); only the audit trail tells them apart
+    (outcome "denied", not "failed")."""
+
+
 class MethodNotAllowed(GatewayError):
     """This interaction is not supported here."""
 

@@ -402,3 +402,22 @@ def test_audit_events_are_not_phi_after_a_full_round_trip(audited: Audited) -> N
         for ent in ev.get("entity", []):
             assert set(ent) == {"what"}
             assert set(ent["what"]) <= {"reference", "display"}
+
+
+def test_a_read_outside_the_compartment_is_audited_as_denied(audited: Audited) -> None:
+    """Both 404s look alike to the caller; the trail tells a denied look at someone else's
+    resource (outcome 4) from a miss (outcome 8)."""
+    a = audited
+    hidden = a.api.get(f"/{a.ref('Task')}", headers=a.h("outsider"))
+    missing = a.api.get("/Task/no-such-task", headers=a.h("outsider"))
+    assert hidden.status_code == missing.status_code == 404
+    assert hidden.json()["issue"][0]["code"] == missing.json()["issue"][0]["code"]
+    vhidden = a.api.get(f"/{a.ref('Task')}/_history/1", headers=a.h("outsider"))
+    assert vhidden.status_code == 404
+    (ev,) = find(a.events(f"entity={a.ref('Task')}&outcome=4"), client="holy-cross-ehr",
+                 interaction="read")
+    assert ev["outcome"] == "4"
+    (ev,) = find(a.events(f"entity={a.ref('Task')}&outcome=4"), client="holy-cross-ehr",
+                 interaction="vread")
+    (ev,) = find(a.events("entity=Task/no-such-task"), client="holy-cross-ehr")
+    assert ev["outcome"] == "8"

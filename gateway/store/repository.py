@@ -33,6 +33,7 @@ from gateway.errors import (
     Forbidden,
     GatewayError,
     Gone,
+    Hidden,
     Issue,
     NotFound,
     PreconditionFailed,
@@ -256,7 +257,7 @@ class Session:
         try:
             self.ctx.policy.authorize(interaction, res_type)
             yield target
-        except Forbidden:
+        except (Forbidden, Hidden):
             self._audit(interaction, res_type, target.res_id, "denied")
             raise
         except GatewayError as err:
@@ -279,6 +280,15 @@ class Session:
             stmt = stmt.with_for_update()
         r = self.conn.execute(stmt).first()
         return Stored.of(r) if r is not None else None
+
+    def _not_found(self, res_type: str, res_id: str) -> NotFound:
+        """404 for a resource the caller cannot see: ``Hidden`` when it exists (so that the
+        audit records a denial), else ``NotFound``; both answer the same."""
+        cls = NotFound
+        if self._visible(res_type) is not None and \
+                self._row(res_type, res_id, policy=False) is not None:
+            cls = Hidden
+        return cls(f"{res_type}/{res_id} is not known", f"{res_type}.id")
 
     def peek(self, res_type: str, res_id: str) -> Stored | None:
         """The current version whatever the caller may see (for policies; never returned
@@ -335,7 +345,7 @@ class Session:
         with self._audited("read", res_type, res_id):
             row = self._row(res_type, res_id)
             if row is None:
-                raise NotFound(f"{res_type}/{res_id} is not known", f"{res_type}.id")
+                raise self._not_found(res_type, res_id)
             if row.deleted:
                 raise Gone(f"{res_type}/{res_id} was deleted", f"{res_type}.id",
                            headers={"ETag": f'W/"{row.version}"'})
@@ -345,7 +355,7 @@ class Session:
         with self._audited("vread", res_type, res_id):
             current = self._row(res_type, res_id)
             if current is None:
-                raise NotFound(f"{res_type}/{res_id} is not known", f"{res_type}.id")
+                raise self._not_found(res_type, res_id)
             r = self.conn.execute(select(resource_history).where(
                 resource_history.c.rid == current.rid,
                 resource_history.c.version == version)).first()
@@ -420,7 +430,7 @@ class Session:
                         raise PreconditionFailed(
                             f"{res_type}/{res_id} changed since you read it; it is no longer "
                             "yours to change", "If-Match")
-                    raise NotFound(f"{res_type}/{res_id} is not known", f"{res_type}.id")
+                    raise Hidden(f"{res_type}/{res_id} is not known", f"{res_type}.id")
                 if if_match is not None:
                     raise PreconditionFailed(
                         f"{res_type}/{res_id} does not exist, so If-Match cannot hold",
