@@ -218,6 +218,21 @@ def test_attacks_are_invalid_client(auth_api: TestClient, store: Store, attack: 
     assert r.status_code == 200, r.text
 
 
+def test_the_token_endpoint_does_not_tell_which_clients_exist(auth_api: TestClient,
+                                                              store: Store) -> None:
+    """An unknown client, a known client with an unregistered kid and a known client with the
+    wrong key get the very same answer (no client-id enumeration)."""
+    partner = register(store, "ehr-1", scope=TASK_SCOPES)
+    answers = {
+        name: auth_api.post(TOKEN_URL, data=token_form(ATTACKS[name](partner), TASK_SCOPES))
+        for name in ("unknown-client", "unknown-kid", "right-kid-wrong-key")}
+    bodies = {name: (r.status_code, r.json()) for name, r in answers.items()}
+    assert len({orjson.dumps(b) for b in bodies.values()}) == 1, bodies
+    status, body = bodies["unknown-client"]
+    assert status == 401 and body["error"] == "invalid_client"
+    assert "ghost" not in body["error_description"]
+
+
 def test_disabled_client(auth_api: TestClient, store: Store) -> None:
     partner = register(store, "ehr-1", scope=TASK_SCOPES)
     token = get_token(auth_api, partner)

@@ -19,6 +19,7 @@ with every scope query a valid search (as at registration).
 from __future__ import annotations
 
 import base64
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from gateway.auth.clients import _check_scope as check_scope
 from gateway.auth.keys import ALG, LEEWAY, TOKEN_LIFETIME, SigningKeys
 from gateway.auth.scopes import Scope, ScopeError, format_scopes, intersect, parse_scopes
 from gateway.store.schema import auth_jti
+
+log = logging.getLogger("refgw.auth")
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 CLIENT_ALGS = {"RS384": "RSA", "ES384": "EC"}
@@ -183,17 +186,27 @@ class AuthServer:
         iss, sub = claims.get("iss"), claims.get("sub")
         if not isinstance(iss, str) or iss != sub:
             raise bad("client_assertion iss and sub must both be the client_id")
+        # An unknown client, a key that is not registered and a bad signature get one answer,
+        # so that the token endpoint does not tell a stranger which client ids exist; the
+        # operator's log says which it was.
+        unverified = ("client_assertion cannot be verified: check that the client id is "
+                      "registered and active, and that the assertion is signed with a key "
+                      "registered for it (kid and alg)")
         client = self.clients.get(iss)
         if client is None or not client.active:
-            raise bad(f"client {iss!r} is unknown or disabled")
+            log.info("token request refused: client %r is unknown or disabled", iss[:128])
+            raise bad(unverified)
         jku = header.get("jku")
         if jku is not None and jku != client.jwks_uri:
             raise bad("client_assertion jku is not the JWKS URL registered for this client")
-        key = self._client_key(client, kid, alg)
         try:
+            key = self._client_key(client, kid, alg)
             token = jwt.decode(assertion, key, algorithms=[alg])
-        except JoseError as exc:
-            raise bad(f"client_assertion signature does not verify ({exc.error})") from exc
+        except (OAuthError, JoseError) as exc:
+            log.info("token request of %r refused: %s", client.client_id,
+                     exc.description if isinstance(exc, OAuthError) else
+                     f"signature does not verify ({exc.error})")
+            raise bad(unverified) from exc
         c = token.claims
         aud = c.get("aud")
         auds = aud if isinstance(aud, list) else [aud]
