@@ -249,6 +249,20 @@ def test_absolute_and_history_request_urls(client):
     assert read(client, "Patient/abs-put")["active"] is True
 
 
+def test_an_entry_naming_another_server_is_refused(client):
+    b = tx(patient_entry("urn:uuid:aaaaaaaa-0000-0000-0000-000000000006", "ABS-2",
+                         url="https://other-fhir.example.org/fhir/Patient"))
+    r = post_bundle(client, b)
+    assert r.status_code == 400, r.text
+    issue = r.json()["issue"][0]
+    assert issue["expression"] == ["Bundle.entry[0].request.url"]
+    assert "another server" in issue["diagnostics"]
+    b["type"] = "batch"
+    r = post_bundle(client, b)
+    assert r.status_code == 200, r.text
+    assert r.json()["entry"][0]["response"]["status"].startswith("400")
+
+
 def test_get_entries_in_transaction(client):
     p = client.post("/Patient", json={"resourceType": "Patient", "identifier": [
         {"system": PATIENT_SYS, "value": "GET-1"}]}, headers=fhir_json()).json()

@@ -645,6 +645,12 @@ def _entry_request(entry: Any, i: int, headers: dict[str, str], base_url: str | 
                              "or DELETE", f"{where}.request.method")
         if not isinstance(url, str) or not url:
             raise BadRequest(f"{where}.request.url is missing", f"{where}.request.url")
+        if _ABS_RE.match(url) and base_url and \
+                not url.startswith(base_url.rstrip("/") + "/"):
+            # an entry naming another server must not be run here as if it were ours
+            raise BadRequest(f"{where}.request.url {url.split('?')[0]!r} names another server; "
+                             f"use a URL relative to this one ({base_url.rstrip('/')})",
+                             f"{where}.request.url")
         url = _ABS_RE.sub("", url).lstrip("/")
         path, _, query = url.partition("?")
         parts = [p for p in path.split("/") if p]
