@@ -521,6 +521,8 @@ class FhirService:
                     resp = self.dispatch(s, entry.req, entry.parts)
                 out.append(_response_entry(resp, ctx))
             except GatewayError as err:
+                if err is not entry.error:  # parse errors already name their entry
+                    err = _in_entry(err, entry)
                 out.append({"response": {"status": str(err.status_code),
                                          "outcome": err.to_outcome()}})
         return FhirResponse(200, {"resourceType": "Bundle", "id": str(uuid.uuid4()),
