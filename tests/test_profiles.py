@@ -36,6 +36,10 @@ CONSENT_PROFILE = f"{SD}/SDOHCC-Consent"
 PROCEDURE_PROFILE = f"{SD}/SDOHCC-Procedure"
 HS_PROFILE = f"{SD}/SDOHCC-HealthcareServiceForReferralManagement"
 CAPACITY_EXT = f"{SD}/SDOHCC-ExtensionHealthcareServiceCapacityStatus"
+CONDITION_PROFILE = f"{SD}/SDOHCC-Condition"  # see tests/test_clinical_profiles.py
+GOAL_PROFILE = f"{SD}/SDOHCC-Goal"
+ASSESSMENT_PROFILE = f"{SD}/SDOHCC-ObservationAssessment"
+ASSERTER_EXT = f"{SD}/SDOHCC-ExtensionConditionAsserter"
 PATIENT_PROFILE = "https://refgw.org/fhir/StructureDefinition/refgw-Patient"
 CAP = f"HealthcareService.extension('{CAPACITY_EXT}')"
 
@@ -683,7 +687,8 @@ def test_profile_urls(registry: ProfileRegistry) -> None:
     assert registry.profile_urls("Task") == [TASK_PROFILE]
     assert set(registry.profile_urls()) >= {TASK_PROFILE, SR_PROFILE, CONSENT_PROFILE,
                                              PROCEDURE_PROFILE, HS_PROFILE, CAPACITY_EXT,
-                                             PATIENT_PROFILE}
+                                             PATIENT_PROFILE, CONDITION_PROFILE, GOAL_PROFILE,
+                                             ASSESSMENT_PROFILE, ASSERTER_EXT}
 
 
 def test_default_profiles_dir_is_the_repository_folder() -> None:
@@ -697,7 +702,9 @@ def test_capability_statement_profiles_are_shipped(registry: ProfileRegistry) ->
                  for p in r.get("supportedProfile", [])}
     assert supported == {("Task", TASK_PROFILE), ("ServiceRequest", SR_PROFILE),
                          ("Consent", CONSENT_PROFILE), ("Procedure", PROCEDURE_PROFILE),
-                         ("HealthcareService", HS_PROFILE), ("Patient", PATIENT_PROFILE)}
+                         ("HealthcareService", HS_PROFILE), ("Patient", PATIENT_PROFILE),
+                         ("Condition", CONDITION_PROFILE), ("Goal", GOAL_PROFILE),
+                         ("Observation", ASSESSMENT_PROFILE)}
     for rtype, url in supported:
         assert registry.get(url)["type"] == rtype
 
