@@ -337,3 +337,11 @@ def test_profiles_are_served_and_validate_answers_without_storing(world: World) 
     assert any(i["severity"] == "error" and "Task.statusReason" in i.get("expression", [])
                for i in issues), issues
     assert w.get("platform", "/Task?_total=accurate").json()["total"] == 0
+    # /metadata names the actor and, per type, the profiles refgw validates against
+    meta = w.api.get("/metadata").json()
+    assert "http://hl7.org/fhir/us/sdoh-clinicalcare/CapabilityStatement/" \
+           "SDOHCC-CoordinationPlatform" in meta["instantiates"]
+    by_type = {r["type"]: r.get("supportedProfile", []) for r in meta["rest"][0]["resource"]}
+    assert by_type["Task"] == [task["meta"]["profile"][0]]
+    assert any(p.endswith("SDOHCC-Condition") for p in by_type["Condition"])
+    assert by_type["Organization"] == []

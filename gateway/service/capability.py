@@ -36,7 +36,10 @@ def security(base_url: str, auth_disabled: bool) -> dict[str, Any]:
 
 
 def capability_statement(base_url: str, software_date: str, *,
-                         auth_disabled: bool = False) -> dict[str, Any]:
+                         auth_disabled: bool = False,
+                         profiles: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """The instance's CapabilityStatement, generated from what is registered. ``profiles``
+    maps a resource type to the profiles refgw validates it against (``supportedProfile``)."""
     resources_ = []
     for rtype in sorted(SEARCH_PARAMS):
         params = [
@@ -64,6 +67,8 @@ def capability_statement(base_url: str, software_date: str, *,
             entry["conditionalDelete"] = "not-supported"
             entry["documentation"] = ("Append-only: refgw writes every AuditEvent itself; no "
                                       "client, not even the platform's, may change one.")
+        if (profiles or {}).get(rtype):
+            entry["supportedProfile"] = sorted(profiles[rtype])
         includes = [f"{rtype}:{p}" for p in INCLUDES.get(rtype, ())]
         if includes:
             entry["searchInclude"] = includes
@@ -78,6 +83,11 @@ def capability_statement(base_url: str, software_date: str, *,
         "date": software_date,
         "publisher": "refgw",
         "kind": "instance",
+        # the IG actor refgw plays, and its own statement of it (GET /CapabilityStatement/refgw)
+        "instantiates": [
+            "http://hl7.org/fhir/us/sdoh-clinicalcare/CapabilityStatement/"
+            "SDOHCC-CoordinationPlatform",
+            "https://refgw.org/fhir/CapabilityStatement/refgw"],
         "software": {"name": "refgw", "version": __version__},
         "implementation": {"description": "refgw referral gateway", "url": base_url},
         "fhirVersion": "4.0.1",

@@ -160,8 +160,11 @@ class FhirService:
         return FhirResponse(200, outcome(issues))
 
     def capabilities(self, ctx: Context) -> dict[str, Any]:
+        profiles = None
+        if self.profiles is not None:
+            profiles = {t: self.profiles.profile_urls(t) for t in SEARCH_PARAMS}
         return capability_statement(ctx.base_url or "", self.started,
-                                    auth_disabled=self.auth_disabled)
+                                    auth_disabled=self.auth_disabled, profiles=profiles)
 
     # -- entry point -----------------------------------------------------------------------
     def handle(self, req: FhirRequest, ctx: Context) -> FhirResponse:
