@@ -32,9 +32,8 @@ Every issue carries a refgw code (3xxx, validation): 3101 cardinality, 3102 fixe
 value, 3103 binding, 3104 reference target, 3105 invariant, 3106 choice type, 3107 profile does
 not apply to this resource type, 3108 invariant could not be evaluated.
 
-Packaging note: ``DEFAULT_PROFILES_DIR`` is the repository's ``profiles/`` folder, which works for
-editable installs (the only kind used today). A wheel would have to ship the JSON files (for
-example by moving them under ``gateway/`` as package data).
+``DEFAULT_PROFILES_DIR`` is the repository's ``profiles/`` folder, or the copy a wheel installs
+(``gateway.datafiles``).
 """
 
 from __future__ import annotations
@@ -56,12 +55,13 @@ from fhirpathpy.models import models as _FHIRPATH_MODELS
 from fhirpathpy.parser.generated.FHIRPathLexer import FHIRPathLexer
 from fhirpathpy.parser.generated.FHIRPathParser import FHIRPathParser
 
+from gateway.datafiles import data_dir
 from gateway.errors import GatewayError, Issue
 
 __all__ = ["DEFAULT_PROFILES_DIR", "ProfileLoadError", "ProfileRegistry"]
 
-#: The repository's ``profiles/`` folder.
-DEFAULT_PROFILES_DIR = Path(__file__).resolve().parents[2] / "profiles"
+#: The repository's ``profiles/`` folder (or its installed copy).
+DEFAULT_PROFILES_DIR = data_dir("profiles")
 
 CORE_SD = "http://hl7.org/fhir/StructureDefinition/"
 

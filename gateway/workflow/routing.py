@@ -26,9 +26,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gateway.datafiles import data_dir
+
 log = logging.getLogger("refgw.routing")
 
-DEFAULT_RULES = Path(__file__).resolve().parents[2] / "mappings" / "routing.json"
+DEFAULT_RULES = data_dir("mappings") / "routing.json"
 
 
 class Match(BaseModel):
