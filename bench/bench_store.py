@@ -36,42 +36,41 @@ import os
 import platform
 import random
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
+from benchlib import (  # noqa: I001 - bench/ is on sys.path when run as a script
+    DAY_US,
+    PATIENT_SYSTEM,
+    PRIORITIES,
+    STATUSES,
+    TASK_SYSTEM,
+    Results,
+    analyze,
+    batches,
+    bulk_load,
+    log,
+    patient_body,
+    pct,
+    reset_database,
+    server,
+)
 
 import httpx  # noqa: E402
 import orjson  # noqa: E402
-from sqlalchemy import inspect, text  # noqa: E402
 
-from gateway.fhir.datetimes import format_instant, parse_range  # noqa: E402
-from gateway.fhir.extract import extract  # noqa: E402
+from gateway.fhir.datetimes import format_instant  # noqa: E402
 from gateway.fhir.validate import validate_structure  # noqa: E402
-from gateway.store.db import upgrade  # noqa: E402
 from gateway.store.repository import Store  # noqa: E402
-from gateway.store.schema import INDEX_TABLES, resource_history, resources  # noqa: E402
 
-DAY_US = 86_400 * 1_000_000
-STATUSES = [("requested", 30), ("received", 5), ("accepted", 20), ("in-progress", 15),
-            ("on-hold", 5), ("completed", 15), ("rejected", 5), ("cancelled", 5)]
-PRIORITIES = ["routine", "routine", "routine", "urgent", "asap"]
-TASK_SYSTEM = "urn:refgw:bench:task"
-PATIENT_SYSTEM = "urn:refgw:bench:patient"
 N_PATIENTS = 1000
 REQUESTER = "Organization/org-requester"
 
@@ -142,52 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# -- results ----------------------------------------------------------------------------------
-@dataclass
-class Results:
-    rows: list[tuple[str, str, str]] = field(default_factory=list)
-    data: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def add(self, db: str, metric: str, value: float | int | str, fmt: str = "{}") -> None:
-        self.rows.append((db, metric, fmt.format(value) if not isinstance(value, str) else value))
-        self.data.setdefault(db, {})[metric] = value
-
-    def table(self) -> str:
-        head = ("database", "metric", "value")
-        widths = [max(len(r[i]) for r in [head, *self.rows]) for i in range(3)]
-        line = "  ".join("-" * w for w in widths)
-        out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)), line]
-        for r in self.rows:
-            out.append(f"{r[0].ljust(widths[0])}  {r[1].ljust(widths[1])}  "
-                       f"{r[2].rjust(widths[2])}")
-        return "\n".join(out)
-
-
-def pct(values: list[float], p: float) -> float:
-    """The p-th percentile (nearest rank) of ``values``."""
-    s = sorted(values)
-    k = max(0, min(len(s) - 1, int(round(p / 100 * len(s) + 0.5)) - 1))
-    return s[k]
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-# -- database preparation ---------------------------------------------------------------------
-def reset_database(store: Store) -> None:
-    """Migrate, then delete every row of every refgw table (alembic_version kept)."""
-    upgrade(store.engine)
-    names = [n for n in inspect(store.engine).get_table_names() if n != "alembic_version"]
-    with store.engine.begin() as conn:
-        if store.dialect == "postgresql":
-            conn.execute(text("TRUNCATE " + ", ".join(f'"{n}"' for n in names)
-                              + " RESTART IDENTITY CASCADE"))
-        else:
-            for n in names:
-                conn.execute(text(f'DELETE FROM "{n}"'))
-
-
+# -- the data set ------------------------------------------------------------------------------
 @dataclass
 class Dataset:
     """What was loaded, to know what a search must answer."""
@@ -253,115 +207,14 @@ def load_directory(store: Store, orgs: int) -> None:
                       "identifier": [{"system": "urn:refgw:bench:org", "value": str(k)}]},
                      res_id=f"org-{k}")
         for p in range(N_PATIENTS):
-            s.create({"resourceType": "Patient",
-                      "identifier": [{"system": PATIENT_SYSTEM, "value": f"P{p:05d}"}],
-                      "name": [{"family": f"Family{p}", "given": ["Bench"]}],
-                      "birthDate": f"{1940 + p % 70}-0{1 + p % 9}-1{p % 10}"},
-                     res_id=f"pat-{p}")
-
-
-def _index_rows(rid: int, body: dict[str, Any]) -> dict[str, list[tuple[Any, ...]]]:
-    """Rows per index table, in column order (as ``Session._write_indexes`` writes them)."""
-    rows = extract(body)
-    out = {}
-    for kind, table in INDEX_TABLES.items():
-        values = getattr(rows, kind)
-        if values:
-            out[table.name] = [(rid, body["resourceType"], *v) for v in values]
-    return out
-
-
-def _columns(table) -> list[str]:
-    return [c.name for c in table.columns]
-
-
-RES_COLS = ["rid", "res_type", "fhir_id", "version", "last_updated", "deleted", "body"]
-HIST_COLS = ["rid", "version", "res_type", "fhir_id", "last_updated", "deleted", "method", "body"]
-
-
-def _batches(it: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    batch: list[dict[str, Any]] = []
-    for x in it:
-        batch.append(x)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _lu_of(body: dict[str, Any]) -> int:
-    r = parse_range(body["meta"]["lastUpdated"])
-    assert r is not None
-    return r[0]
-
-
-def bulk_load(store: Store, bodies: Iterator[dict[str, Any]], batch: int) -> int:
-    """Write resources, history and index rows directly: COPY on PostgreSQL, executemany on
-    SQLite. Bodies are already stamped (id, meta) exactly as the repository stores them."""
-    n = 0
-    raw = store.engine.raw_connection()
-    try:
-        dbapi = raw.driver_connection
-        for chunk in _batches(bodies, batch):
-            if store.dialect == "postgresql":
-                with dbapi.cursor() as cur:
-                    cur.execute("SELECT nextval(pg_get_serial_sequence('resources', 'rid')) "
-                                "FROM generate_series(1, %s)", (len(chunk),))
-                    rids = [r[0] for r in cur.fetchall()]
-            else:
-                cur = dbapi.cursor()
-                cur.execute("BEGIN IMMEDIATE")
-                first = cur.execute("SELECT COALESCE(MAX(rid), 0) + 1 FROM resources") \
-                    .fetchone()[0]
-                rids = list(range(first, first + len(chunk)))
-            res_rows, hist_rows = [], []
-            idx: dict[str, list[tuple[Any, ...]]] = {}
-            for rid, body in zip(rids, chunk, strict=True):
-                lu = _lu_of(body)
-                js = orjson.dumps(body).decode()
-                res_rows.append((rid, body["resourceType"], body["id"], 1, lu, False, js))
-                hist_rows.append((rid, 1, body["resourceType"], body["id"], lu, False, "POST",
-                                  js))
-                for tname, rows in _index_rows(rid, body).items():
-                    idx.setdefault(tname, []).extend(rows)
-            tables = {t.name: t for t in INDEX_TABLES.values()}
-            if store.dialect == "postgresql":
-                with dbapi.cursor() as cur:
-                    for name, cols, rows in [(resources.name, RES_COLS, res_rows),
-                                             (resource_history.name, HIST_COLS, hist_rows),
-                                             *[(t, _columns(tables[t]), r)
-                                               for t, r in idx.items()]]:
-                        with cur.copy(f"COPY {name} ({', '.join(cols)}) FROM STDIN") as cp:
-                            for row in rows:
-                                cp.write_row(row)
-                dbapi.commit()
-            else:
-                for name, cols, rows in [(resources.name, RES_COLS, res_rows),
-                                         (resource_history.name, HIST_COLS, hist_rows),
-                                         *[(t, _columns(tables[t]), r) for t, r in idx.items()]]:
-                    marks = ", ".join("?" * len(cols))
-                    cur.executemany(f"INSERT INTO {name} ({', '.join(cols)}) VALUES ({marks})",
-                                    rows)
-                cur.execute("COMMIT")
-                cur.close()
-            n += len(chunk)
-    except BaseException:
-        try:
-            raw.driver_connection.rollback()
-        except Exception:  # noqa: S110 - best effort after the real error
-            pass
-        raise
-    finally:
-        raw.close()
-    return n
+            s.create(patient_body(p), res_id=f"pat-{p}")
 
 
 def store_load(store: Store, bodies: Iterator[dict[str, Any]], batch: int) -> int:
     """Through ``Session.create`` (the repository's own write path), --batch per transaction.
     ``meta.lastUpdated`` is then the load time, so the _lastUpdated filter matches them all."""
     n = 0
-    for chunk in _batches(bodies, batch):
+    for chunk in batches(bodies, batch):
         with store.session(write=True) as s:
             for body in chunk:
                 rid = body["id"]
@@ -369,61 +222,6 @@ def store_load(store: Store, bodies: Iterator[dict[str, Any]], batch: int) -> in
                 s.create(b, res_id=rid)
         n += len(chunk)
     return n
-
-
-def analyze(store: Store) -> None:
-    """Planner statistics, as autovacuum would have them on PostgreSQL after a load this size.
-    (SQLite never gathers statistics unless told to; refgw does not, so neither does this.)"""
-    if store.dialect == "postgresql":
-        with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text("VACUUM ANALYZE"))
-
-
-# -- the server -------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def server(url: str, log_path: Path) -> Iterator[str]:
-    """``python -m gateway serve`` on a free loopback port; yields its base URL."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REFGW_")}
-    # Auth off: the bench measures the FHIR store and API, and the Tasks it loads behind the
-    # API's back belong to no organization compartment.
-    env.update(REFGW_DATABASE_URL=url, REFGW_LOAD_DEMO="false", REFGW_AUTH_DISABLED="true",
-               PYTHONUNBUFFERED="1")
-    with open(log_path, "ab") as logf:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port",
-             str(port)], cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {proc.returncode}:\n"
-                                   + log_path.read_text(errors="replace")[-3000:])
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server did not become ready in 60 s:\n"
-                                   + log_path.read_text(errors="replace")[-3000:])
-            time.sleep(0.1)
-        yield base
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
 
 
 # -- phase: worklist search -------------------------------------------------------------------

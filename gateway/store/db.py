@@ -62,9 +62,14 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
         # to a generic plan that ignores the parameter values: for searches that plan starts
         # from the least selective index (e.g. every requested Task) and runs ~10x slower.
         # Keep the prepared statements, but plan each execution for its own values.
+        # No parallel workers: refgw answers pages, and for a page of a search over a large
+        # range (a polling cursor far back, owner:missing) the planner picks a parallel plan
+        # whose workers take longer to start than the whole serial query (bench_polling.py:
+        # 15-70 ms of start-up for 5-20 ms of work at 1M Tasks on 2 CPUs).
         given = u.query.get("options") or ()
         options = " ".join([*([given] if isinstance(given, str) else given),
-                            "-c plan_cache_mode=force_custom_plan"])
+                            "-c plan_cache_mode=force_custom_plan",
+                            "-c max_parallel_workers_per_gather=0"])
         return create_engine(
             u.difference_update_query(["options"]),
             json_serializer=_json_dumps,

@@ -6,6 +6,9 @@
 
 Times are integer microseconds since the epoch (UTC) on both databases, so comparisons and
 keyset paging are plain integer comparisons. Bodies are JSONB on PostgreSQL, JSON text on SQLite.
+
+The index tables' indexes (migrations 0004 and 0007) hold every column a search's semi-join
+tests, so that it runs on the index alone; on SQLite the included columns are key columns.
 """
 
 from __future__ import annotations
@@ -68,8 +71,8 @@ sp_token = Table(
     Column("param", String(64), nullable=False),
     Column("system", String(250), nullable=True),
     Column("code", String(250), nullable=False),
-    Index("ix_sp_token_lookup", "res_type", "param", "code", "system"),
-    Index("ix_sp_token_rid", "rid", "param", "code", "system"),
+    Index("ix_sp_token_lookup", "res_type", "param", "code", "system", "rid"),
+    Index("ix_sp_token_rid", "rid", "param", "code", "system", postgresql_include=["res_type"]),
 )
 
 sp_reference = Table(
@@ -81,9 +84,11 @@ sp_reference = Table(
     Column("target_type", String(64), nullable=True),
     Column("target_id", String(64), nullable=True),
     Column("target_url", String(1024), nullable=True),
-    Index("ix_sp_reference_lookup", "res_type", "param", "target_id", "target_type"),
+    Index("ix_sp_reference_lookup", "res_type", "param", "target_id", "target_type", "rid",
+          postgresql_include=["target_url"]),
     Index("ix_sp_reference_target", "target_type", "target_id"),
-    Index("ix_sp_reference_rid", "rid", "param", "target_type", "target_id"),
+    Index("ix_sp_reference_rid", "rid", "param", "target_type", "target_id",
+          postgresql_include=["res_type", "target_url"]),
 )
 
 sp_string = Table(
@@ -119,8 +124,8 @@ sp_uri = Table(
     Column("res_type", String(64), nullable=False),
     Column("param", String(64), nullable=False),
     Column("value", String(250), nullable=False),
-    Index("ix_sp_uri_lookup", "res_type", "param", "value"),
-    Index("ix_sp_uri_rid", "rid", "param", "value"),
+    Index("ix_sp_uri_lookup", "res_type", "param", "value", "rid"),
+    Index("ix_sp_uri_rid", "rid", "param", "value", postgresql_include=["res_type"]),
 )
 
 INDEX_TABLES = {
@@ -176,4 +181,5 @@ write_inflight = Table(
     Column("token", String(36), primary_key=True),
     Column("started", BigInteger, nullable=False),
     Column("expires", BigInteger, nullable=False),
+    Index("ix_write_inflight_started", "started"),  # the oldest one, for polls (0007)
 )

@@ -18,6 +18,7 @@ from sqlalchemy import (
     ColumnElement,
     Table,
     and_,
+    exists,
     false,
     func,
     not_,
@@ -256,13 +257,12 @@ class QueryBuilder:
             ors = [self._date_cond(resources.c.last_updated, resources.c.last_updated, v, name)
                    for v in split_or(value)]
             return self._on_rid(or_(*ors), rid)
-        table = INDEX_TABLES[sp.type]
         values = split_or(value)
-        negate = False
+        negate = sp.type == TOKEN and modifier == "not"
+        # a negated condition probes its own copy of the table (see _absent)
+        table = INDEX_TABLES[sp.type].alias() if negate else INDEX_TABLES[sp.type]
         if sp.type == TOKEN:
-            if modifier == "not":
-                negate = True
-            elif modifier:
+            if modifier and not negate:
                 raise BadRequest(f"Modifier :{modifier} is not supported on token {name}", name)
             ors = [self._token_cond(table, v) for v in values]
         elif sp.type == REFERENCE:
@@ -285,9 +285,11 @@ class QueryBuilder:
                    else table.c.value == v for v in values]
         else:  # pragma: no cover - table covers all types
             raise UnknownSearchParameter(f"Unsupported parameter type {sp.type}", name)
+        if negate:
+            return _absent(table, rid, table.c.param == sp.name, or_(*ors))
         sub = select(table.c.rid).where(
             table.c.res_type == res_type, table.c.param == sp.name, or_(*ors))
-        return rid.not_in(sub) if negate else rid.in_(sub)
+        return rid.in_(sub)
 
     def _on_rid(self, cond: ColumnElement[bool], rid: ColumnElement) -> ColumnElement[bool]:
         if rid is resources.c.rid:
@@ -301,8 +303,11 @@ class QueryBuilder:
         if sp.name in ("_id", "_lastUpdated"):
             return true() if value == "false" else false()
         table = INDEX_TABLES[sp.type]
+        if value == "true":
+            table = table.alias()
+            return _absent(table, rid, table.c.param == sp.name)
         sub = select(table.c.rid).where(table.c.res_type == res_type, table.c.param == sp.name)
-        return rid.not_in(sub) if value == "true" else rid.in_(sub)
+        return rid.in_(sub)
 
     def _token_cond(self, table, value: str) -> ColumnElement[bool]:
         system, code, has_system = _split_token(value)
@@ -404,6 +409,19 @@ class QueryBuilder:
         return rid.in_(sub)
 
 
+def _absent(table, rid: ColumnElement, *conds: ColumnElement[bool]) -> ColumnElement[bool]:
+    """No row of ``table`` (an alias of an index table) for resource ``rid`` meets ``conds``.
+
+    ``NOT EXISTS``, not ``rid NOT IN (SELECT rid ...)``: PostgreSQL cannot turn ``NOT IN`` into
+    an anti-join (it must honour NULLs), so it hashed every row of the subquery on each search,
+    e.g. the owner rows of all Tasks for ``owner:missing=true`` (bench/bench_polling.py); the
+    correlated form probes the per-rid index for each candidate instead. No ``res_type`` test:
+    a rid is one resource, so its index rows all carry its type, and the probe stays
+    index-only."""
+    return ~exists(select(table.c.rid).where(table.c.rid == rid, *conds)
+                   .correlate_except(table))
+
+
 def sort_columns(q: SearchQuery) -> list[ColumnElement]:
     """ORDER BY expressions for a query (always ending with ``rid`` for a total order)."""
     cols: list[ColumnElement] = []
@@ -427,7 +445,13 @@ def sort_columns(q: SearchQuery) -> list[ColumnElement]:
                 .where(table.c.rid == resources.c.rid, table.c.param == sp.name)
                 .scalar_subquery()
             )
-        cols.append(col.desc().nulls_last() if key.descending else col.asc().nulls_last())
+        if key.name in ("_lastUpdated", "_id"):
+            # NOT NULL columns: plain ASC/DESC, so that PostgreSQL can read them in index
+            # order (DESC NULLS LAST is not the order of an index scanned backwards, so
+            # ``_sort=-_lastUpdated`` used to sort every match before taking a page)
+            cols.append(col.desc() if key.descending else col.asc())
+        else:
+            cols.append(col.desc().nulls_last() if key.descending else col.asc().nulls_last())
     desc = bool(q.sort) and q.sort[0].descending and q.sort[0].name == "_lastUpdated"
     if not q.sort:
         cols.append(resources.c.last_updated.asc())
