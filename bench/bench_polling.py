@@ -584,7 +584,7 @@ class Levels:
         org = inst.caller_org
         ctx = Context(caller=Caller(client_id="bench-cbo", organization=org,
                                     scopes=tuple(CBO_SCOPES.split())),
-                      policy=OrgPolicy(org, self.scopes), base_url=BASE)
+                      policy=OrgPolicy(org, self.scopes, per_row=True), base_url=BASE)
         return self._handle(q, inst, ctx)
 
     def _http(self, q: Query, inst: Instance) -> Answer:

@@ -141,5 +141,6 @@ def request_context(request: Request, base: str) -> Context:
     caller = Caller(info.client_id, info.organization, tuple(str(s) for s in info.scopes),
                     info.validation)
     return Context(caller=caller, policy=OrgPolicy(info.organization, info.scopes,
-                                                   info.platform),
+                                                   info.platform,
+                                                   per_row=state.store.dialect == "postgresql"),
                    audit=audit, base_url=base)
