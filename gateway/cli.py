@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -66,6 +67,11 @@ def serve(
     from gateway.store.repository import Store
 
     settings = Settings()
+    h, p = host or settings.host, port or settings.port
+    # before loading anything or printing how to call the server: can it listen at all?
+    problem = _cannot_listen(h, p)
+    if problem:
+        _fail(problem)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -89,7 +95,6 @@ def serve(
     except Exception as exc:
         _fail(f"cannot open the database {_safe_url(settings.database_url)}: {exc}")
         return
-    h, p = host or settings.host, port or settings.port
     typer.echo(f"refgw {__version__}: FHIR API on http://{h}:{p}  (database "
                f"{_safe_url(settings.database_url)})", err=True)
     if settings.auth_disabled:
@@ -107,6 +112,81 @@ def serve(
                    f"'http://{h}:{p}/Organization?_count=5'", err=True)
     uvicorn.run(create_app(settings, store=store), host=h, port=p,
                 log_level=settings.log_level.lower(), access_log=False)
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why refgw could not listen on host:port (None: it can), naming what holds a taken
+    port where that is cheap to find out. A check, not a reservation: the socket is closed."""
+    import errno
+    import socket
+
+    if not 0 < port < 65536:
+        return f"port {port} is not a TCP port: give one from 1 to 65535 (--port / REFGW_PORT)"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError, OverflowError) as exc:
+        return f"cannot listen on {host}:{port}: {exc} (check --host / REFGW_HOST)"
+    other = ("pick another port: `refgw serve --port 8081`, or REFGW_PORT=8081 (also for "
+             "`make run`)")
+    # every address the name stands for, as uvicorn (asyncio's create_server) binds them all,
+    # skipping, as it does, those of a family this machine has not enabled
+    bound = False
+    for family, kind, proto, _canon, address in dict.fromkeys(infos):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            bound = True
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                holder = _port_holder(port)
+                return (f"port {port} on {host} is already in use"
+                        f"{f' by {holder}' if holder else ''}. Stop that program, or {other}")
+            if exc.errno == errno.EACCES:
+                return (f"not allowed to listen on port {port} (ports below 1024 need extra "
+                        f"privileges): {other}")
+            if exc.errno != errno.EADDRNOTAVAIL:
+                return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+        finally:
+            sock.close()
+    if not bound:
+        return (f"cannot listen on {host}: it is not an address of this machine (check "
+                "--host / REFGW_HOST; 127.0.0.1 is this machine only)")
+    return None
+
+
+def _port_holder(port: int) -> str | None:
+    """'pid N (command line)' of the process listening on ``port``, from /proc (Linux; best
+    effort: None where it cannot be found, e.g. another user's process or another OS)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local_address is HEXIP:HEXPORT; state 0A is LISTEN; field 9 is the inode
+            if len(fields) > 9 and fields[3] == "0A" and \
+                    int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd) in inodes:
+                    raw = (proc / "cmdline").read_bytes().replace(b"\0", b" ").strip()
+                    command = raw.decode("utf-8", "replace")[:200]
+                    return f"pid {proc.name}" + (f" ({command})" if command else "")
+        except OSError:  # gone, or not ours to look at
+            continue
+    return None
 
 
 @db_app.command("upgrade")
@@ -158,6 +238,13 @@ def clients_add(
              "reject, warn or off; a bare MODE means every type). Default: refgw's "
              "(reject referral Tasks and ServiceRequests, warn Condition/Observation/Goal).")
     ] = None,
+    fhir_base: Annotated[str | None, typer.Option(
+        help="Base URL of the client's own FHIR server: absolute references into it that "
+             "name the client's own Organization are stored as local references.")] = None,
+    coordination: Annotated[str | None, typer.Option(
+        help="With --platform: 'external' when this client is itself the Coordination "
+             "Platform app (refgw then leaves routing the platform's referrals to it).")
+    ] = None,
 ) -> None:
     """Register a client (give exactly one of --jwks and --jwks-uri)."""
     from gateway.auth.clients import ClientError, ClientRegistry
@@ -172,7 +259,8 @@ def clients_add(
         data = json.loads(jwks.read_text()) if jwks else None
         ClientRegistry(store.engine).add(client_id, organization=org, scope=scope, jwks=data,
                                          jwks_uri=jwks_uri, platform=platform,
-                                         validation=validation)
+                                         validation=validation, fhir_base=fhir_base,
+                                         coordination=coordination)
     except (ClientError, OSError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(f"client {client_id} registered for {org}")
@@ -187,7 +275,9 @@ def clients_list() -> None:
         keys = "jwks_uri=" + c.jwks_uri if c.jwks_uri else f"{len(c.jwks['keys'])} inline key(s)"
         typer.echo(f"{c.client_id}\t{'active' if c.active else 'DISABLED'}\t"
                    f"{c.organization or '-'}{' (platform)' if c.platform else ''}\t{keys}\t"
-                   f"{c.scope}\tvalidation={format_policy(c.validation)}")
+                   f"{c.scope}\tvalidation={format_policy(c.validation)}"
+                   + (f"\tfhir-base={c.fhir_base}" if c.fhir_base else "")
+                   + (f"\tcoordination={c.coordination}" if c.coordination else ""))
 
 
 @clients_app.command("validation")
@@ -261,7 +351,36 @@ def token(
     except Exception as exc:
         _fail(str(exc))
         return
+    for line in _scopes_not_granted(scope, str(body.get("scope", ""))):
+        typer.echo(line, err=True)  # stdout holds the token only: TOKEN=$(refgw token ...)
     typer.echo(body["access_token"])
+
+
+def _scopes_not_granted(requested: str, granted: str) -> list[str]:
+    """Lines telling which requested scopes the token lacks or has only in part (the
+    client's registration allows less); none when everything asked for was granted."""
+    from gateway.auth.scopes import ScopeError, intersect, parse_scope, parse_scopes
+
+    try:
+        have = parse_scopes(granted, strict=False)
+    except ScopeError:  # pragma: no cover - strict=False does not raise
+        return []
+    lines = []
+    for text in requested.split():
+        try:
+            asked = parse_scope(text)
+        except ScopeError:
+            continue  # not a SMART resource scope (the server said nothing about it)
+        parts = [str(g) for g in intersect([asked], have)]
+        if parts == [str(asked)]:
+            continue
+        lines.append(f"  {text}: " + (f"granted only {' '.join(parts)}" if parts
+                                     else "not granted"))
+    if lines:
+        lines.insert(0, "refgw: note: the token has fewer scopes than asked for (the "
+                        "client's registration allows no more; the operator sees it with "
+                        "`refgw clients list`):")
+    return lines
 
 
 def main() -> None:

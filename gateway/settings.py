@@ -67,6 +67,17 @@ class Settings(BaseSettings):
         default="", description="Validation policy of the deployment, over refgw's defaults: "
         "'Condition=off,Task=warn' or 'warn' (every type); modes reject, warn, off. A client's "
         "own policy (`refgw clients validation`) wins over this.")
+    coordination: str = Field(
+        default="refgw", pattern="^(refgw|external)$",
+        description="Who routes the referrals addressed to the platform: 'refgw' (its routing "
+        "rules) or 'external' (an external Coordination Platform app using refgw as its FHIR "
+        "store; refgw then routes, mirrors and re-routes nothing itself)")
+    house_rules: str = Field(
+        default="off", pattern="^(off|warn)$",
+        description="refgw's own house rules on top of the IG profiles (e.g. a reason for a "
+        "rejected referral Task, a resulting activity for a completed one): 'off' checks them "
+        "only for resources that claim a refgw house-rule profile in meta.profile; 'warn' "
+        "checks them for every resource that claims the IG profile they build on, as warnings")
     demo_keys_dir: str = Field(
         default=str(DEFAULT_VAR_DIR / "keys"),
         description="Where `refgw serve` writes the demo clients' generated private keys")

@@ -1,8 +1,9 @@
 """Test fixtures: the whole API suite runs on SQLite and on PostgreSQL.
 
-PostgreSQL tests use ``REFGW_TEST_POSTGRES_URL`` (an SQLAlchemy URL). Without it they skip with
-a one-line reason, unless ``REFGW_REQUIRE_POSTGRES=1`` (set by ``.ci/run``), which turns a
-missing or unreachable PostgreSQL into a failure.
+PostgreSQL tests use ``REFGW_TEST_POSTGRES_URL`` (an SQLAlchemy URL). Without it they skip,
+reported as one line at the end of the run (``pytest_terminal_summary``), unless
+``REFGW_REQUIRE_POSTGRES=1`` (set by ``.ci/run``), which turns a missing or unreachable
+PostgreSQL into a failure.
 """
 
 from __future__ import annotations
@@ -41,6 +42,19 @@ def pg_store() -> Iterator[Store]:
     upgrade(store.engine)
     yield store
     store.dispose()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line per skip reason (pytest's ``-ra`` would print one per test: 200+ lines for
+    the PostgreSQL cases when REFGW_TEST_POSTGRES_URL is not set)."""
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, n in sorted(reasons.items(), key=lambda r: -r[1]):
+        terminalreporter.write_line(f"SKIPPED {n} test{'s' if n > 1 else ''}: {reason}")
 
 
 def _truncate(store: Store) -> None:

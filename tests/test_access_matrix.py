@@ -26,7 +26,6 @@ import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -48,8 +47,9 @@ from tests.authutil import (
     request_token,
     rsa_key,
 )
+from tests.samples import sample
 
-SAMPLE = Path("/work/shared/samples/fhir/esperanza-referral-transaction.json")
+SAMPLE = sample("fhir/esperanza-referral-transaction.json")
 
 REFERRER_ORG = "Organization/esperanza-health-center"
 OWNER_ORG = "Organization/sw-youth-counseling"
@@ -83,11 +83,17 @@ def register_client(store: Store, name: str, client_id: str, organization: str, 
     return Partner(client_id, key, organization, scope)
 
 
-def sample_bundle(*, patient_ident: str = "ESP-208831", owner: str = OWNER_ORG) -> dict:
-    """The sample referral transaction (Patient, Consent, ServiceRequest, Task)."""
+def sample_bundle(*, patient_ident: str = "ESP-208831", owner: str = OWNER_ORG,
+                  referral: str | None = None) -> dict:
+    """The sample referral transaction (Patient, Consent, ServiceRequest, Task). Each
+    ``referral`` (default: one per patient and owner) has identifiers of its own: the same
+    identifiers from the same requester are a re-send, answered with the stored referral."""
     bundle = json.loads(SAMPLE.read_text())
+    referral = referral or f"{patient_ident}-{owner.rsplit('/', 1)[-1]}"
     for entry in bundle["entry"]:
         res = entry["resource"]
+        if res["resourceType"] in ("ServiceRequest", "Task"):
+            res["identifier"][0]["value"] += f"-{referral}"
         if res["resourceType"] == "Patient":
             res["identifier"][0]["value"] = patient_ident
             entry["request"]["ifNoneExist"] = (

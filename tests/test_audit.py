@@ -12,7 +12,6 @@ import copy
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,8 +32,9 @@ from tests.authutil import (
     request_token,
     token_form,
 )
+from tests.samples import sample
 
-SAMPLE = Path("/work/shared/samples/fhir/esperanza-referral-transaction.json")
+SAMPLE = sample("fhir/esperanza-referral-transaction.json")
 REFERRER_ORG = "Organization/esperanza-health-center"
 OWNER_ORG = "Organization/sw-youth-counseling"
 UNRELATED_ORG = "Organization/greater-sw-food-pantry"

@@ -12,7 +12,6 @@ import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import fhirpy
 import httpx
@@ -22,9 +21,10 @@ from fhirpy.base.exceptions import AuthorizationError, ForbiddenError, ResourceN
 from gateway.demo.clients import CBO
 from gateway.store.repository import Store
 from tests.authutil import Partner, auth_settings, register, register_platform, request_token
+from tests.samples import sample
 from tests.test_server import run_server
 
-SAMPLE = Path("/work/shared/samples/fhir/esperanza-referral-transaction.json")
+SAMPLE = sample("fhir/esperanza-referral-transaction.json")
 REFERRER_ORG = "Organization/esperanza-health-center"
 OWNER_ORG = "Organization/sw-youth-counseling"
 UNRELATED_ORG = "Organization/greater-sw-food-pantry"

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 from lxml import etree
 
 from tests.conftest import BASE, fhir_json
+from tests.samples import sample
 
-SAMPLE = Path("/work/shared/samples/fhir/esperanza-referral-transaction.json")
+SAMPLE = sample("fhir/esperanza-referral-transaction.json")
 PATIENT_SYS = "urn:oid:2.16.840.1.113883.3.8812.1"
 PATIENT_URN = "urn:uuid:6f1c2f8e-4a53-4c1e-9a0b-2c1f0d7e5a01"
 FHIR_NS = "http://hl7.org/fhir"

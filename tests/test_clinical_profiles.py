@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 
+from gateway.errors import Unprocessable
 from gateway.fhir.profiles import DEFAULT_PROFILES_DIR, ProfileRegistry
+from gateway.fhir.validate import validate_structure
 from gateway.store.repository import Store
 from tests.authutil import auth_client, get_token, register, register_platform
 from tests.test_workflow import HOSPITAL, REFERRER_SCOPE, World, _load_directory
@@ -29,11 +31,16 @@ ASSERTER_EXT = f"{SD}/SDOHCC-ExtensionConditionAsserter"
 CON1 = "Can only have a max of one asserter."
 CON2 = ("At least one Condition.category SHALL be encounter-diagnosis, problem-list-item, or "
         "health-concern")
+CON3 = "At least one Condition.category SHALL be sdoh"
+OBS4 = "At least one Observation.category SHALL be sdoh"
 SOCIAL_HISTORY = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/"
                                         "observation-category", "code": "social-history"}]}
+SDOH = {"coding": [{"system": "http://hl7.org/fhir/us/core/CodeSystem/us-core-category",
+                    "code": "sdoh"}]}
 
-# The IG's examples (SDOHCC-ConditionFoodInsecurityExample, -GoalFoodSecurityExample,
-# -ObservationAssessmentInadequateFoodIntakeExample), trimmed.
+# The IG 3.0.0 examples (SDOHCC-ConditionFoodInsecurityExample, -GoalFoodSecurityExample,
+# -ObservationAssessmentInadequateFoodIntakeExample), trimmed; tests/test_ig_examples.py has
+# them whole.
 CONDITION: dict[str, Any] = {
     "resourceType": "Condition",
     "meta": {"profile": [CONDITION_PROFILE]},
@@ -44,6 +51,7 @@ CONDITION: dict[str, Any] = {
     "category": [
         {"coding": [{"system": "http://hl7.org/fhir/us/core/CodeSystem/condition-category",
                      "code": "health-concern"}]},
+        SDOH,
         {"coding": [{"system": TMP, "code": "food-insecurity"}]},
     ],
     "code": {"coding": [{"system": "http://snomed.info/sct", "code": "733423003",
@@ -76,11 +84,11 @@ ASSESSMENT: dict[str, Any] = {
     "resourceType": "Observation",
     "meta": {"profile": [ASSESSMENT_PROFILE]},
     "status": "final",
-    "category": [SOCIAL_HISTORY, {"coding": [{"system": TMP, "code": "food-insecurity"}]}],
+    "category": [SDOH, {"coding": [{"system": TMP, "code": "food-insecurity"}]}],
     "code": {"coding": [{"system": "http://snomed.info/sct", "code": "699653008"}]},
     "subject": {"reference": "Patient/p1"},
     "effectiveDateTime": "2026-11-20T10:00:00Z",
-    "performer": [{"reference": "PractitionerRole/pr1"}],
+    "performer": [{"reference": "Practitioner/dr-jan-water"}],
     "valueBoolean": True,
 }
 
@@ -114,9 +122,10 @@ def test_the_igs_examples_have_no_issues(registry: ProfileRegistry,
 def test_profiles_are_loaded_and_listed(registry: ProfileRegistry) -> None:
     assert registry.profile_urls("Condition") == [CONDITION_PROFILE]
     assert registry.profile_urls("Goal") == [GOAL_PROFILE]
-    assert registry.profile_urls("Observation") == [ASSESSMENT_PROFILE]
+    assert registry.profile_urls("Observation") == [ASSESSMENT_PROFILE,
+                                                    f"{SD}/SDOHCC-ObservationScreeningResponse"]
     for url in (CONDITION_PROFILE, GOAL_PROFILE, ASSESSMENT_PROFILE, ASSERTER_EXT):
-        assert registry.get(url)["version"] == "3.0.0-refgw"
+        assert registry.get(url)["version"] == "3.0.0"
 
 
 # ------------------------------------------------------------------------------ Condition
@@ -125,17 +134,20 @@ def test_profiles_are_loaded_and_listed(registry: ProfileRegistry) -> None:
 def test_condition_needs_code_and_a_patient_subject(registry: ProfileRegistry) -> None:
     cond = changed(CONDITION, lambda c: (c.pop("code"), c.update(subject={"reference": "Group/g"})))
     assert found(registry, cond) == [
-        ("error", "required", ["Condition.code"], "Condition.code is required (1..1) but missing"),
+        ("error", "required", ["Condition.code"], "Condition.code is required (1..) but missing"),
         ("error", "invalid", ["Condition.subject"],
          "Condition.subject must reference a Patient, not a Group (Group/g)"),
     ]
 
 
-def test_condition_needs_a_subject(registry: ProfileRegistry) -> None:
+def test_condition_subject_is_required_by_the_base_resource(registry: ProfileRegistry) -> None:
+    # the IG does not restate FHIR R4's Condition.subject 1..1: refgw's structural validation
+    # (every write, and $validate) checks it, not the profile
     cond = changed(CONDITION, lambda c: c.pop("subject"))
-    assert found(registry, cond) == [
-        ("error", "required", ["Condition.subject"],
-         "Condition.subject is required (1..1) but missing")]
+    assert found(registry, cond) == []
+    with pytest.raises(Unprocessable) as err:
+        validate_structure(cond)
+    assert [i.expression for i in err.value.issues] == [["Condition.subject"]]
 
 
 def test_condition_status_required_bindings(registry: ProfileRegistry) -> None:
@@ -167,15 +179,46 @@ def test_condition_sdoh_con_2_accepts_each_us_core_category(
 
 
 @pytest.mark.parametrize("edit", [
-    lambda c: c.pop("category"),
-    lambda c: c["category"].pop(0),  # the SDOH category alone is not enough
+    lambda c: c["category"].pop(0),  # sdoh and an SDOH domain are not enough
     lambda c: c["category"][0]["coding"][0].update(  # right code, wrong system
         system="http://terminology.hl7.org/CodeSystem/condition-category"),
-], ids=["no-category", "sdoh-only", "wrong-system"])
+], ids=["sdoh-only", "wrong-system"])
 def test_condition_sdoh_con_2_needs_a_us_core_category(
         registry: ProfileRegistry, edit: Callable[[dict[str, Any]], Any]) -> None:
     assert found(registry, changed(CONDITION, edit)) == [
         ("error", "invariant", ["Condition.category"], CON2)]
+
+
+def test_condition_sdoh_con_3_needs_the_us_core_sdoh_category(registry: ProfileRegistry) -> None:
+    cond = changed(CONDITION, lambda c: c["category"].pop(1))
+    assert found(registry, cond) == [
+        ("error", "invariant", ["Condition.category"], CON3),
+        ("error", "required", ["Condition.category"],
+         "Condition.category:screening-assessment is required (1..*) but missing: no "
+         "Condition.category has a code from US Core Screening Assessment Condition Category")]
+
+
+def test_condition_needs_two_categories(registry: ProfileRegistry) -> None:
+    cond = changed(CONDITION, lambda c: c.pop("category"))
+    assert found(registry, cond) == [
+        ("error", "invariant", ["Condition.category"], CON2),
+        ("error", "invariant", ["Condition.category"], CON3),
+        ("error", "required", ["Condition.category"],
+         "Condition.category is required (2..) but missing"),
+        ("error", "required", ["Condition.category"],
+         "Condition.category:screening-assessment is required (1..*) but missing: no "
+         "Condition.category has a code from US Core Screening Assessment Condition Category"),
+    ]
+
+
+def test_condition_encounter_diagnosis_at_most_once(registry: ProfileRegistry) -> None:
+    dx = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-category",
+                      "code": "encounter-diagnosis"}]}
+    assert found(registry, changed(CONDITION, lambda c: c["category"].append(dx))) == []
+    cond = changed(CONDITION, lambda c: c["category"].extend([dx, dx]))
+    assert found(registry, cond) == [
+        ("error", "structure", ["Condition.category"],
+         "Condition.category:encounter-diagnosis allows at most 1 value (0..1), found 2")]
 
 
 def test_condition_sdoh_category_slice_is_open(registry: ProfileRegistry) -> None:
@@ -236,15 +279,16 @@ def test_condition_code_is_not_checked_against_terminology_refgw_lacks(
 # ------------------------------------------------------------------------------ Goal
 
 
-def test_goal_needs_description_and_a_patient_subject(registry: ProfileRegistry) -> None:
-    goal = changed(GOAL, lambda g: (g.pop("description"),
-                                    g.update(subject={"reference": "Organization/o"})))
+def test_goal_needs_a_patient_subject(registry: ProfileRegistry) -> None:
+    # US Core allows Patient, Group or Organization; the IG narrows it to (US Core) Patient
+    goal = changed(GOAL, lambda g: g.update(subject={"reference": "Organization/o"}))
     assert found(registry, goal) == [
-        ("error", "required", ["Goal.description"],
-         "Goal.description is required (1..1) but missing"),
         ("error", "invalid", ["Goal.subject"],
-         "Goal.subject must reference a Patient, not an Organization (Organization/o)"),
-    ]
+         "Goal.subject must reference a Patient, not an Organization (Organization/o)")]
+    # Goal.description 1..1 is FHIR R4's own rule, checked structurally
+    with pytest.raises(Unprocessable) as err:
+        validate_structure(changed(GOAL, lambda g: g.pop("description")))
+    assert [i.expression for i in err.value.issues] == [["Goal.description"]]
 
 
 def test_goal_description_text_alone_is_enough(registry: ProfileRegistry) -> None:
@@ -252,14 +296,9 @@ def test_goal_description_text_alone_is_enough(registry: ProfileRegistry) -> Non
     assert found(registry, goal) == []
 
 
-def test_goal_addresses_and_expressed_by_targets(registry: ProfileRegistry) -> None:
-    goal = changed(GOAL, lambda g: (
-        g["addresses"].append({"reference": "ServiceRequest/sr1"}),
-        g.update(expressedBy={"reference": "Organization/o"})))
+def test_goal_addresses_targets(registry: ProfileRegistry) -> None:
+    goal = changed(GOAL, lambda g: g["addresses"].append({"reference": "ServiceRequest/sr1"}))
     assert found(registry, goal) == [
-        ("error", "invalid", ["Goal.expressedBy"],
-         "Goal.expressedBy must reference a Patient, a Practitioner, a PractitionerRole or a "
-         "RelatedPerson, not an Organization (Organization/o)"),
         ("error", "invalid", ["Goal.addresses[1]"],
          "Goal.addresses[1] must reference a Condition, an Observation or a RiskAssessment, "
          "not a ServiceRequest (ServiceRequest/sr1)"),
@@ -269,23 +308,43 @@ def test_goal_addresses_and_expressed_by_targets(registry: ProfileRegistry) -> N
 # ------------------------------------------------------------------------------ Observation
 
 
-def test_assessment_needs_social_history_category_and_subject(registry: ProfileRegistry) -> None:
-    obs = changed(ASSESSMENT, lambda o: (o["category"].pop(0), o.pop("subject")))
+def test_assessment_needs_no_social_history_category(registry: ProfileRegistry) -> None:
+    """The IG's own assessment examples carry no social-history category: refgw used to
+    require one (a SocialHistory slice the IG added and removed two months later)."""
+    assert SOCIAL_HISTORY not in ASSESSMENT["category"]
+    assert found(registry, ASSESSMENT) == []
+    sd = registry.get(ASSESSMENT_PROFILE)
+    assert not [e for e in sd["differential"]["element"] if e.get("sliceName") == "SocialHistory"]
+
+
+def test_assessment_sdoh_obs_4_needs_the_us_core_sdoh_category(registry: ProfileRegistry) -> None:
+    obs = changed(ASSESSMENT, lambda o: o["category"].pop(0))
     assert found(registry, obs) == [
+        ("error", "invariant", ["Observation.category"], OBS4),
         ("error", "required", ["Observation.category"],
-         "Observation.category:SocialHistory is required (1..1) but missing: no "
-         "Observation.category has the coding "
-         "http://terminology.hl7.org/CodeSystem/observation-category#social-history"),
-        ("error", "required", ["Observation.subject"],
-         "Observation.subject is required (1..1) but missing"),
-    ]
+         "Observation.category:us-core is required (1..*) but missing: no Observation.category "
+         "has a code from US Core Simple Observation Category")]
+    # social-history is a US Core simple observation category, but not 'sdoh'
+    obs = changed(ASSESSMENT, lambda o: o["category"].__setitem__(0, SOCIAL_HISTORY))
+    assert found(registry, obs) == [("error", "invariant", ["Observation.category"], OBS4)]
 
 
-def test_assessment_social_history_only_once(registry: ProfileRegistry) -> None:
-    obs = changed(ASSESSMENT, lambda o: o["category"].append(SOCIAL_HISTORY))
+def test_assessment_us_core_2_needs_a_value_or_a_reason(registry: ProfileRegistry) -> None:
+    obs = changed(ASSESSMENT, lambda o: o.pop("valueBoolean"))
     assert found(registry, obs) == [
-        ("error", "structure", ["Observation.category"],
-         "Observation.category:SocialHistory allows at most 1 value (1..1), found 2")]
+        ("error", "invariant", ["Observation"],
+         "If there is no component or hasMember element then either a value[x] or a data "
+         "absent reason must be present")]
+    absent = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason",
+                          "code": "asked-declined"}]}
+    assert found(registry, changed(obs, lambda o: o.update(dataAbsentReason=absent))) == []
+
+
+def test_assessment_needs_a_subject(registry: ProfileRegistry) -> None:
+    obs = changed(ASSESSMENT, lambda o: o.pop("subject"))
+    assert found(registry, obs) == [
+        ("error", "required", ["Observation.subject"],
+         "Observation.subject is required (1..) but missing")]
 
 
 def test_assessment_subject_performer_and_effective_types(registry: ProfileRegistry) -> None:
@@ -348,7 +407,7 @@ def test_condition_without_code_is_stored_with_a_warning(clinic: World) -> None:
     issues = [(i["severity"], i["code"], i["expression"], i["diagnostics"])
               for i in oo["issue"] if i["severity"] != "information"]
     assert issues == [("warning", "required", ["Condition.code"],
-                       "Condition.code is required (1..1) but missing")], oo
+                       "Condition.code is required (1..) but missing")], oo
     assert "issue(s)" in r.headers["x-refgw-issues"]
     cond_id = r.headers["location"].split("/Condition/")[1].split("/")[0]
     stored = clinic.get("hospital", f"/Condition/{cond_id}")
@@ -370,7 +429,7 @@ def test_a_client_registered_with_condition_reject_gets_422(clinic: World) -> No
     issues = [(i["severity"], i["code"], i["expression"], i["diagnostics"])
               for i in r.json()["issue"]]
     assert issues == [("error", "required", ["Condition.code"],
-                       "Condition.code is required (1..1) but missing")]
+                       "Condition.code is required (1..) but missing")]
     stored = clinic.get(STRICT_CONDITIONS, f"/Condition?subject=Patient/{patient_id}")
     assert stored.status_code == 200 and not stored.json().get("entry"), stored.text
     # the default (warn) still applies to the other clients of the same organization
@@ -400,4 +459,68 @@ def test_validate_operation_and_structure_definitions_are_served(clinic: World) 
     r = clinic.api.post("/Observation/$validate", json=obs, headers=clinic.h("hospital"))
     assert r.status_code == 200, r.text
     assert [(i["severity"], i["expression"]) for i in r.json()["issue"]
-            if i["severity"] != "information"] == [("error", ["Observation.category"])]
+            if i["severity"] != "information"] == [("error", ["Observation.category"])] * 2
+
+
+# ------------------------------------------------------------------------------ Screening response
+
+SCREENING_PROFILE = f"{SD}/SDOHCC-ObservationScreeningResponse"
+SURVEY = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                      "code": "survey"}]}
+# the IG's SDOHCC-ObservationResponseHungerVitalSignQuestion3Example, trimmed
+SCREENING: dict[str, Any] = {
+    "resourceType": "Observation",
+    "meta": {"profile": [SCREENING_PROFILE]},
+    "status": "final",
+    "category": [SURVEY, SDOH, {"coding": [{"system": TMP, "code": "food-insecurity"}]}],
+    "code": {"coding": [{"system": "http://loinc.org", "code": "88124-3"}]},
+    "subject": {"reference": "Patient/p1"},
+    "effectiveDateTime": "2020-09-10T21:56:54.671Z",
+    "performer": [{"reference": "Patient/p1"}],
+    "valueCodeableConcept": {"coding": [{"system": "http://loinc.org", "code": "LA19952-3"}]},
+    "derivedFrom": [{"reference": "QuestionnaireResponse/hvs"}],
+}
+
+
+def test_screening_response_example_has_no_issues(registry: ProfileRegistry) -> None:
+    assert found(registry, SCREENING) == []
+
+
+def test_screening_response_needs_survey_and_sdoh_categories(registry: ProfileRegistry) -> None:
+    obs = changed(SCREENING, lambda o: o.update(category=[o["category"][2]]))
+    assert found(registry, obs) == [
+        ("error", "invariant", ["Observation.category"], OBS4),
+        ("error", "required", ["Observation.category"],
+         "Observation.category needs at least 2 values (2..*), found 1"),
+        ("error", "required", ["Observation.category"],
+         "Observation.category:survey is required (1..1) but missing: no Observation.category "
+         "has the coding http://terminology.hl7.org/CodeSystem/observation-category#survey"),
+        ("error", "required", ["Observation.category"],
+         "Observation.category:screening-assessment is required (1..*) but missing: no "
+         "Observation.category has a code from US Core Screening Assessment Observation "
+         "Category"),
+    ]
+
+
+def test_screening_response_status_binding(registry: ProfileRegistry) -> None:
+    [(severity, code, expression, text)] = found(registry, {**SCREENING, "status": "preliminary"})
+    assert (severity, code, expression) == ("error", "code-invalid", ["Observation.status"])
+    assert text.startswith("Observation.status is 'preliminary', which is not allowed: it must "
+                           "be one of final, corrected, entered-in-error, unknown")
+
+
+def test_screening_response_us_core_choice_invariants_see_the_value_type(
+        registry: ProfileRegistry) -> None:
+    """us-core-1 and us-core-3 sit on effective[x] and value[x]: refgw evaluates them from the
+    Observation, where the FHIRPath engine knows a dateTime from a Period."""
+    obs = changed(SCREENING, lambda o: (
+        o.update(effectiveDateTime="2020-09"), o.pop("valueCodeableConcept"),
+        o.update(valueQuantity={"value": 2, "system": "urn:local", "code": "x"})))
+    assert found(registry, obs) == [
+        ("error", "invariant", ["Observation.effective"], "Datetime must be at least to day."),
+        ("error", "invariant", ["Observation.value"], "SHALL use UCUM for coded quantity units."),
+    ]
+    fine = changed(obs, lambda o: (
+        o.pop("effectiveDateTime"), o.update(effectivePeriod={"start": "2020-09"}),
+        o["valueQuantity"].update(system="http://unitsofmeasure.org")))
+    assert found(registry, fine) == []

@@ -177,8 +177,8 @@ def test_update_as_create_with_client_id(client):
     assert r.json()["id"] == "referral-task-7"
     assert r.json()["meta"]["versionId"] == "1"
     assert r.headers["Location"] == f"{BASE}/Task/referral-task-7/_history/1"
-    again = client.put("/Task/referral-task-7", json={**task("uc"), "id": "referral-task-7"},
-                       headers=fhir_json())
+    changed = {**task("uc"), "id": "referral-task-7", "priority": "urgent"}
+    again = client.put("/Task/referral-task-7", json=changed, headers=fhir_json())
     assert again.status_code == 200 and again.json()["meta"]["versionId"] == "2"
 
 

@@ -8,23 +8,21 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
 
-from gateway.demo import network_bundle
-from gateway.store.policy import Context
 from gateway.store.repository import Store
 from tests.authutil import (
     PLATFORM_ORG,
     auth_client,
-    bearer,
     get_token,
     register,
     register_platform,
 )
+from tests.workflowutil import World, load_directory
+
+_load_directory = load_directory  # older suites import it from here
 
 SDOH = "http://hl7.org/fhir/us/sdoh-clinicalcare/CodeSystem/SDOHCC-CodeSystemTemporaryCodes"
 CAP_EXT = ("http://hl7.org/fhir/us/sdoh-clinicalcare/StructureDefinition/"
@@ -39,28 +37,9 @@ CBO_SCOPE = ("system/Task.rus system/ServiceRequest.rs system/Patient.rs system/
              "system/Procedure.cru system/HealthcareService.rus system/Organization.rs")
 
 
-@dataclass
-class World:
-    api: TestClient
-    tokens: dict[str, str]
-
-    def h(self, who: str, **extra: str) -> dict[str, str]:
-        return bearer(self.tokens[who], **extra)
-
-    def get(self, who: str, url: str) -> httpx.Response:
-        return self.api.get(url, headers=self.h(who))
-
-
-def _load_directory(store: Store) -> None:
-    with store.session(Context(), write=True) as s:
-        for entry in network_bundle()["entry"]:
-            res = entry["resource"]
-            s.create({k: v for k, v in res.items() if k != "id"}, res_id=res["id"])
-
-
 @pytest.fixture
 def world(store: Store) -> Iterator[World]:
-    _load_directory(store)
+    load_directory(store)
     partners = {
         "hospital": register(store, "hospital", organization=HOSPITAL, scope=REFERRER_SCOPE),
         "pantry": register(store, "pantry", organization=PANTRY, scope=CBO_SCOPE),
@@ -201,9 +180,11 @@ def test_forbidden_transitions_are_409_with_the_allowed_next(world: World) -> No
     r = set_status(w, "pantry", down, "received")
     assert r.status_code == 422, r.text
     assert "received" in r.json()["issue"][0]["diagnostics"]
-    r = set_status(w, "pantry", down, "rejected")  # no statusReason.text
+    # the IG requires statusReason.text whenever there is a statusReason
+    r = set_status(w, "pantry", down, "rejected",
+                   statusReason={"coding": [{"system": REASON, "code": "not-eligible"}]})
     assert r.status_code == 422, r.text
-    assert any("statusReason" in x for i in r.json()["issue"] for x in i.get("expression", []))
+    assert any("Task.statusReason.text" in i.get("expression", []) for i in r.json()["issue"])
 
 
 def _fill_up(w: World, who: str, org: str) -> None:
@@ -331,10 +312,11 @@ def test_profiles_are_served_and_validate_answers_without_storing(world: World) 
     task["meta"] = {"profile": ["http://hl7.org/fhir/us/sdoh-clinicalcare/StructureDefinition/"
                                 "SDOHCC-TaskForReferralManagement"]}
     task["status"] = "rejected"
+    task["statusReason"] = {"coding": [{"system": REASON, "code": "not-eligible"}]}  # no text
     r = w.api.post("/Task/$validate", json=task, headers=w.h("hospital"))
     assert r.status_code == 200, r.text
     issues = r.json()["issue"]
-    assert any(i["severity"] == "error" and "Task.statusReason" in i.get("expression", [])
+    assert any(i["severity"] == "error" and "Task.statusReason.text" in i.get("expression", [])
                for i in issues), issues
     assert w.get("platform", "/Task?_total=accurate").json()["total"] == 0
     # /metadata names the actor and, per type, the profiles refgw validates against
@@ -342,6 +324,7 @@ def test_profiles_are_served_and_validate_answers_without_storing(world: World) 
     assert "http://hl7.org/fhir/us/sdoh-clinicalcare/CapabilityStatement/" \
            "SDOHCC-CoordinationPlatform" in meta["instantiates"]
     by_type = {r["type"]: r.get("supportedProfile", []) for r in meta["rest"][0]["resource"]}
-    assert by_type["Task"] == [task["meta"]["profile"][0]]
+    assert by_type["Task"] == [task["meta"]["profile"][0],  # and refgw's own house rules
+                               "https://refgw.org/fhir/StructureDefinition/refgw-ReferralTaskRules"]
     assert any(p.endswith("SDOHCC-Condition") for p in by_type["Condition"])
     assert by_type["Organization"] == []

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import RedirectResponse
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -30,6 +31,7 @@ from gateway.errors import (
     outcome,
 )
 from gateway.fhir import formats
+from gateway.api import docs
 from gateway.api.auth import install_auth_routes, request_context
 from gateway.auth.audit import AuditWriter
 from gateway.auth.clients import ClientRegistry
@@ -85,6 +87,24 @@ def _error_response(err: GatewayError, fmt: str = formats.JSON, pretty: bool = F
                     media_type=formats.content_type(fmt))
 
 
+def _wants_html(accept: str | None) -> bool:
+    """A browser (HTML preferred over every FHIR format), not a FHIR client."""
+    ranked = formats.accepted(accept)
+    return bool(ranked) and ranked[0] in ("text/html", "application/xhtml+xml")
+
+
+def _capabilities(app: FastAPI, base: str) -> dict[str, Any]:
+    """The CapabilityStatement /metadata serves (before start-up: the same, without the
+    profiles' supportedProfile lists)."""
+    from gateway.service.capability import capability_statement
+
+    service: FhirService | None = getattr(app.state, "service", None)
+    if service is not None:
+        return service.capabilities(Context(base_url=base))
+    return capability_statement(base, "", auth_disabled=app.state.settings.auth_disabled,
+                                profiles={})
+
+
 def _load_demo(service: FhirService, store: Store, settings: Settings,
                audit: AuditWriter) -> int:
     from gateway.demo import load_demo
@@ -113,7 +133,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         app.state.store = store
         profiles = ProfileRegistry.load()
         app.state.service = FhirService(store, max_bundle_entries=settings.max_bundle_entries,
-                                        auth_disabled=settings.auth_disabled, profiles=profiles)
+                                        auth_disabled=settings.auth_disabled, profiles=profiles,
+                                        validation_policy=parse_policy(settings.validation))
         keys = SigningKeys(store.engine)
         await run_in_threadpool(keys.ensure)
         external = None
@@ -127,7 +148,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             store.hooks = [ReferralWorkflow(
                 profiles, Router(Path(settings.routing_rules)
                                                if settings.routing_rules else None),
-                settings.platform_organization, parse_policy(settings.validation))]
+                settings.platform_organization, parse_policy(settings.validation),
+                coordination=settings.coordination, house_rules=settings.house_rules)]
         if settings.load_demo and settings.workflow_enabled:
             # the demo referrals go through the service and the workflow set up above
             n = await run_in_threadpool(_load_demo, app.state.service, store, settings,
@@ -142,7 +164,10 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         if own_store:
             store.dispose()
 
+    # FastAPI's own /docs, /redoc and /openapi.json are off: they load Swagger UI from a CDN
+    # and describe only the catch-all routes; refgw serves its own (gateway.api.docs)
     app = FastAPI(title="refgw", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None,
                   description="Referral interoperability gateway (FHIR R4 Coordination "
                               "Platform). FHIR endpoints follow the FHIR RESTful API; "
                               "they need an access token from /auth/token (SMART Backend "
@@ -165,6 +190,12 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         fmt_param = next((v for k, v in params if k == "_format"), None)
         pretty = next((v for k, v in params if k == "_pretty"), "false") == "true"
         params = [(k, v) for k, v in params if k not in ("_format", "_pretty")]
+        if request.method in ("GET", "HEAD") and fmt_param is None and not params and \
+                request.url.path == request.scope.get("root_path", "") + "/" and \
+                _wants_html(request.headers.get("accept")):
+            # a person opened the base URL in a browser: a page, not a FHIR 401
+            return Response(docs.landing_page(__version__, not settings.auth_disabled),
+                            media_type="text/html; charset=utf-8")
         try:
             fmt = formats.response_format(request.headers.get("accept"), fmt_param)
         except GatewayError as err:
@@ -226,13 +257,36 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                 status_code=503, media_type=formats.content_type(formats.JSON))
         return Response(b'{"status":"ready"}', media_type="application/json")
 
+    def openapi() -> dict[str, Any]:
+        return docs.openapi_document(_capabilities(app, ""), __version__,
+                                     auth=not settings.auth_disabled)
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's would list catch-alls
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_json(request: Request) -> Response:
+        base = _base_url(settings, request)
+        doc = docs.openapi_document(_capabilities(request.app, base), __version__,
+                                    auth=not settings.auth_disabled, base_url=base)
+        return Response(formats.render(doc, formats.JSON), media_type="application/json")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs_html(request: Request) -> Response:
+        doc = docs.openapi_document(_capabilities(request.app, _base_url(settings, request)),
+                                    __version__, auth=not settings.auth_disabled)
+        return Response(docs.docs_page(doc), media_type="text/html; charset=utf-8")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> Response:
+        return RedirectResponse("docs", status_code=308)
+
     install_auth_routes(app, lambda request: _base_url(settings, request))
 
     for path in ("/", "/metadata", "/_history", "/{rtype}", "/{rtype}/_search",
                  "/{rtype}/_history", "/{rtype}/{rid}", "/{rtype}/{rid}/_history",
                  "/{rtype}/{rid}/_history/{vid}"):
-        app.add_api_route(path, fhir_endpoint, methods=FHIR_METHODS, include_in_schema=True,
-                          name=f"fhir:{path}")
+        app.add_api_route(path, fhir_endpoint, methods=FHIR_METHODS, include_in_schema=False,
+                          name=f"fhir:{path}")  # described by gateway.api.docs instead
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> Response:

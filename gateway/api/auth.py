@@ -139,7 +139,7 @@ def request_context(request: Request, base: str) -> Context:
                                  None, None, "denied", Caller()))
         raise unauthorized(err) from err
     caller = Caller(info.client_id, info.organization, tuple(str(s) for s in info.scopes),
-                    info.validation)
+                    info.validation, info.fhir_base)
     return Context(caller=caller, policy=OrgPolicy(info.organization, info.scopes,
                                                    info.platform,
                                                    per_row=state.store.dialect == "postgresql"),

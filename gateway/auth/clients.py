@@ -41,6 +41,14 @@ class Client:
     platform: bool
     #: validation policy of this client's writes (``gateway.workflow.validation``); {} = defaults
     validation: dict[str, str] = field(default_factory=dict)
+    #: base URL of the client's own FHIR server (references into it naming the client's own
+    #: Organization are stored as local references)
+    fhir_base: str | None = None
+    #: "external": a platform client that is itself the Coordination Platform app
+    coordination: str | None = None
+
+
+COORDINATION = ("refgw", "external")
 
 
 def _check_jwks(jwks: Any) -> dict[str, Any]:
@@ -96,7 +104,28 @@ def _check_validation(validation: Any) -> dict[str, str]:
 
 def _client(r: Any) -> Client:
     return Client(r.client_id, r.organization, r.jwks, r.jwks_uri, r.scope, r.active,
-                  r.platform, dict(r.validation or {}))
+                  r.platform, dict(r.validation or {}), r.fhir_base,
+                  r.coordination if r.coordination != "refgw" else None)
+
+
+def _check_fhir_base(url: str | None) -> str | None:
+    if url is None:
+        return None
+    if not url.startswith(("https://", "http://")) or "?" in url or "#" in url:
+        raise ClientError("the FHIR base must be an http(s) URL without query or fragment, "
+                          "e.g. https://ehr.example.org/fhir")
+    return url.rstrip("/")
+
+
+def _check_coordination(coordination: str | None, platform: bool) -> str | None:
+    if coordination is None or coordination == "refgw":
+        return None
+    if coordination not in COORDINATION:
+        raise ClientError(f"coordination {coordination!r}: use one of {', '.join(COORDINATION)}")
+    if not platform:
+        raise ClientError("only a platform client (--platform) can be the Coordination "
+                          "Platform app (--coordination external)")
+    return coordination
 
 
 class ClientRegistry:
@@ -110,7 +139,8 @@ class ClientRegistry:
     # -- registration ----------------------------------------------------------------------
     def add(self, client_id: str, *, organization: str | None, scope: str,
             jwks: dict[str, Any] | None = None, jwks_uri: str | None = None,
-            platform: bool = False, validation: Any = None) -> Client:
+            platform: bool = False, validation: Any = None, fhir_base: str | None = None,
+            coordination: str | None = None) -> Client:
         if not client_id or len(client_id) > 128:
             raise ClientError("client_id must be 1-128 characters")
         if (jwks is None) == (jwks_uri is None):
@@ -123,6 +153,8 @@ class ClientRegistry:
             raise ClientError("a client acts for an Organization: --org Organization/ID")
         _check_scope(scope)
         policy = _check_validation(validation)
+        fhir_base = _check_fhir_base(fhir_base)
+        coordination = _check_coordination(coordination, platform)
         # Insert first and let the primary key refuse a duplicate: a SELECT first would start
         # a read snapshot, and on SQLite (WAL) a deferred transaction whose snapshot went stale
         # (the server wrote meanwhile) fails at once with "database is locked".
@@ -131,10 +163,12 @@ class ClientRegistry:
                 conn.execute(insert(auth_clients).values(
                     client_id=client_id, organization=organization, jwks=jwks,
                     jwks_uri=jwks_uri, scope=scope, active=True, platform=platform,
-                    created=int(time.time()), validation=policy or None))
+                    created=int(time.time()), validation=policy or None,
+                    fhir_base=fhir_base, coordination=coordination))
         except IntegrityError as exc:
             raise ClientError(f"client {client_id!r} already exists") from exc
-        return Client(client_id, organization, jwks, jwks_uri, scope, True, platform, policy)
+        return Client(client_id, organization, jwks, jwks_uri, scope, True, platform, policy,
+                      fhir_base, coordination)
 
     def set_active(self, client_id: str, active: bool) -> None:
         with self.engine.begin() as conn:

@@ -15,12 +15,18 @@ Compartments (caller = a client acting for Organization O):
   claims it (minimum necessary: a family's data is not broadcast to every CBO).
 - **ServiceRequest**: visible when O is its requester or performer, or created it, or it is the
   focus / basis of a Task visible to O.
-- **Everything a visible referral points at** (Patient, Consent, Condition, Procedure …; every
-  reference of a Task or ServiceRequest is indexed under the hidden parameter ``_ref``) and
-  everything O created. Hence a Task or ServiceRequest a client writes may only point at what
-  that client can see itself (naming an id must not be a way to read it).
+- **Everything a visible referral points at** (Patient, Consent, Condition, Procedure,
+  QuestionnaireResponse …; every reference of a Task or ServiceRequest is indexed under the
+  hidden parameter ``_ref``) and everything O created. Hence a Task or ServiceRequest a client
+  writes may only point at what that client can see itself (naming an id must not be a way to
+  read it). A QuestionnaireResponse is about a person: besides its creator, only who may see
+  a referral naming it (``ServiceRequest.supportingInfo``, ``Task.input`` / ``output`` …)
+  sees it, never the claim pool.
 - **Directory** resources (Organization, Location, HealthcareService, Endpoint, Practitioner,
   PractitionerRole) are visible to every authenticated caller; writable by their own org.
+- **Definitional** resources (Questionnaire: a form, about nobody) are visible to every
+  authenticated caller; any organization with the scope may create one, and only the
+  organization that created it (or the platform) may change or delete it.
 - **AuditEvent**: platform only. **Subscription**: its creator only.
 - A platform client (bound to refgw itself) sees and may change everything its scopes allow.
 
@@ -45,6 +51,8 @@ if TYPE_CHECKING:
 
 DIRECTORY = {"Organization", "Location", "HealthcareService", "Endpoint", "Practitioner",
              "PractitionerRole"}
+#: Definitions (forms), about nobody: visible to every caller, changed only by their creator.
+DEFINITIONAL = {"Questionnaire"}
 REFERRAL = {"Task", "ServiceRequest"}
 #: Elements of a Task its owner may change (everything else is the requester's).
 OWNER_MUTABLE = {"status", "statusReason", "businessStatus", "output", "meta", "lastModified"}
@@ -78,6 +86,24 @@ def changed_elements(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Top-level elements whose values differ (ignoring id and meta)."""
     keys = (set(old) | set(new)) - {"id", "meta", "resourceType"}
     return sorted(k for k in keys if old.get(k) != new.get(k))
+
+
+def _directory_refusal(res_type: str, organization: str | None) -> str:
+    """Why a client may not add to the directory, and how to get an entry added."""
+    if res_type == "Organization":
+        what = "The directory of organizations is curated by the network's platform operator"
+        own = (f" (a client may only PUT its own Organization, {organization})"
+               if organization else "")
+    else:
+        element = {"HealthcareService": "providedBy", "Location": "managingOrganization",
+                   "Endpoint": "managingOrganization",
+                   "PractitionerRole": "organization"}.get(res_type, "organization")
+        what = (f"A {res_type} belongs to the organization in its {element}; only that "
+                "organization or the platform operator may add it")
+        own = f" (yours is {organization})" if organization else ""
+    return (f"{what}{own}. To add one, ask the operator of this refgw network: they add it "
+            "with a platform client (registered with `refgw clients add … --platform`) or "
+            "load it into the directory.")
 
 
 class OrgPolicy:
@@ -133,7 +159,8 @@ class OrgPolicy:
             role.c.res_type == "PractitionerRole",
             role.c.rid.in_(select(r.c.rid).where(
                 r.c.res_type == "PractitionerRole", r.c.param == "organization",
-                r.c.target_type == "Organization", r.c.target_id == self.org_id)))
+                r.c.target_type == "Organization", r.c.target_id == self.org_id,
+                r.c.target_url.is_(None))))
 
     # Visibility is a condition on each candidate row, tested with a few probes of the per-rid
     # indexes (ix_sp_reference_rid, ix_sp_token_rid), never a set built in advance: an IN
@@ -142,15 +169,18 @@ class OrgPolicy:
     # Tasks (bench/bench_polling.py), where a page needs its few rows checked.
     def _ref_to_org(self, rid: Any, params: tuple[str, ...]) -> ColumnElement[bool]:
         r = sp_reference.alias()
+        # target_url NULL: "http://elsewhere/fhir/Organization/x" is not the local one
         return exists(select(r.c.rid).where(r.c.rid == rid, r.c.param.in_(params),
                                             r.c.target_type == "Organization",
-                                            r.c.target_id == self.org_id))
+                                            r.c.target_id == self.org_id,
+                                            r.c.target_url.is_(None)))
 
     def _ref_to_role(self, resources: Table, rid: Any) -> ColumnElement[bool]:
         r = sp_reference.alias()
         return exists(select(r.c.rid).where(r.c.rid == rid, r.c.param == "requester",
                                             r.c.target_type == "PractitionerRole",
-                                            r.c.target_id.in_(self._roles_of_org(resources))))
+                                            r.c.target_id.in_(self._roles_of_org(resources)),
+                                            r.c.target_url.is_(None)))
 
     def _authored(self, resources: Table, rid: Any) -> ColumnElement[bool]:
         t = resources.alias()
@@ -199,7 +229,7 @@ class OrgPolicy:
         if self.org_id is None or res_type == "AuditEvent":
             return false()
         res = resources
-        if res_type in DIRECTORY:
+        if res_type in DIRECTORY or res_type in DEFINITIONAL:
             compartment: ColumnElement[bool] = true()
         elif res_type == "Subscription":
             compartment = res.c.author_org == self.organization
@@ -236,7 +266,7 @@ class OrgPolicy:
         r = sp_reference
         return select(r.c.rid).where(r.c.res_type == res_type, r.c.param.in_(params),
                                      r.c.target_type == "Organization",
-                                     r.c.target_id == self.org_id)
+                                     r.c.target_id == self.org_id, r.c.target_url.is_(None))
 
     def _task_rids(self, resources: Table, *, pool: bool = True):
         """rids of the Tasks O may see; with ``pool``, also the unassigned requested Tasks
@@ -246,7 +276,8 @@ class OrgPolicy:
             self._refs_to_org("Task", ("owner", "requester")),
             select(r.c.rid).where(r.c.res_type == "Task", r.c.param == "requester",
                                   r.c.target_type == "PractitionerRole",
-                                  r.c.target_id.in_(self._roles_of_org(resources))),
+                                  r.c.target_id.in_(self._roles_of_org(resources)),
+                                  r.c.target_url.is_(None)),
             select(resources.c.rid).where(resources.c.res_type == "Task",
                                           resources.c.author_org == self.organization),
         ]
@@ -269,7 +300,8 @@ class OrgPolicy:
             self._refs_to_org("ServiceRequest", ("requester", "performer")),
             select(r.c.rid).where(r.c.res_type == "ServiceRequest", r.c.param == "requester",
                                   r.c.target_type == "PractitionerRole",
-                                  r.c.target_id.in_(self._roles_of_org(resources))),
+                                  r.c.target_id.in_(self._roles_of_org(resources)),
+                                  r.c.target_url.is_(None)),
             select(resources.c.rid).where(resources.c.res_type == "ServiceRequest",
                                           resources.c.author_org == self.organization),
             select(sr.c.rid).join(r, and_(r.c.target_type == "ServiceRequest",
@@ -347,7 +379,8 @@ class OrgPolicy:
             value = ref["reference"]
             parsed = parse_reference(value, session.ctx.base_url)
             if value in before or parsed is None or parsed.url is not None or not parsed.id \
-                    or parsed.type in DIRECTORY or parsed.type not in SEARCH_PARAMS:
+                    or parsed.type in DIRECTORY or parsed.type in DEFINITIONAL \
+                    or parsed.type not in SEARCH_PARAMS:
                 continue
             if not session.can_see(parsed.type, parsed.id) and \
                     session.peek(parsed.type, parsed.id) is not None:
@@ -372,8 +405,7 @@ class OrgPolicy:
                     f"{res_type}.requester")
         elif res_type in DIRECTORY and res_type != "Practitioner":
             if not self._directory_owner(res_type, new, new.get("id")):
-                raise Forbidden(f"Only the platform or the organization it belongs to may "
-                                f"create this {res_type}", res_type)
+                raise Forbidden(_directory_refusal(res_type, self.organization), res_type)
         elif res_type == "AuditEvent":
             raise Forbidden("AuditEvents are written by refgw itself", "AuditEvent")
 

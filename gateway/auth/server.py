@@ -82,6 +82,8 @@ class TokenInfo:
     expires: int
     #: the client's validation policy (``gateway.workflow.validation``), as (type, mode) pairs
     validation: tuple[tuple[str, str], ...] = ()
+    #: base URL of the client's own FHIR server (``refgw clients add --fhir-base``)
+    fhir_base: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +121,19 @@ def _decode_unexpired(token: str, key: Any, alg: str) -> dict[str, Any]:
     if not isinstance(claims.get("exp"), int) or claims["exp"] < int(time.time()) - LEEWAY:
         raise BearerError("invalid_token", "the access token has expired")
     return claims
+
+
+def _foreign_issuer(iss: Any, issuer: str, external: ExternalIdP | None) -> str:
+    """Why a token's ``iss`` is refused: which issuer it names, which ones refgw trusts, and
+    the usual cause (a token fetched at another address of the same server)."""
+    expected = [issuer] + ([external.issuer] if external else [])
+    told = (f"the access token was issued by {ascii(iss[:200])}" if isinstance(iss, str)
+            else "the access token names no issuer (iss)")
+    return (f"{told}, but this server accepts tokens issued by "
+            f"{' or '.join(ascii(e) for e in expected)}. Ask for the token at the same base "
+            "URL you call the API at (e.g. not localhost for one and 127.0.0.1 for the "
+            "other), or have the operator set REFGW_BASE_URL to the server's one public "
+            "address")
 
 
 class AuthServer:
@@ -278,7 +293,8 @@ class AuthServer:
             return self._verify_own(token, header, issuer)
         if self.external and claims.get("iss") == self.external.issuer:
             return self._verify_external(token, header)
-        raise BearerError("invalid_token", "the access token was not issued by a trusted issuer")
+        raise BearerError("invalid_token", _foreign_issuer(claims.get("iss"), issuer,
+                                                           self.external))
 
     def _verify_own(self, token: str, header: dict[str, Any], issuer: str) -> TokenInfo:
         if header.get("alg") != ALG:
@@ -297,7 +313,8 @@ class AuthServer:
         except ScopeError as exc:
             raise BearerError("invalid_token", "the token's scope is malformed") from exc
         return TokenInfo(client.client_id, client.organization, scopes, client.platform,
-                         int(c["exp"]), tuple(sorted(client.validation.items())))
+                         int(c["exp"]), tuple(sorted(client.validation.items())),
+                         client.fhir_base)
 
     def _verify_external(self, token: str, header: dict[str, Any]) -> TokenInfo:
         ext = self.external

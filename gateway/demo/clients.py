@@ -17,11 +17,13 @@ REFERRER = ("system/Task.cruds system/ServiceRequest.cruds system/Patient.cruds 
             "system/Consent.cruds system/Condition.cruds system/Observation.cruds "
             "system/Goal.cruds system/Procedure.rs system/DocumentReference.cruds "
             "system/Organization.rs system/HealthcareService.rs system/Location.rs "
-            "system/PractitionerRole.rs system/Practitioner.rs system/Subscription.cruds")
+            "system/PractitionerRole.rs system/Practitioner.rs system/Subscription.cruds "
+            "system/Questionnaire.rs system/QuestionnaireResponse.cruds")
 CBO = ("system/Task.rus system/ServiceRequest.rs system/Patient.rs system/Consent.rs "
        "system/Condition.rs system/Observation.rs system/Procedure.cru "
        "system/DocumentReference.crs system/Organization.rs system/HealthcareService.rus "
-       "system/Location.rus system/Subscription.cruds")
+       "system/Location.rus system/Subscription.cruds system/Questionnaire.rs "
+       "system/QuestionnaireResponse.crs")
 
 #: client_id -> (organization, scope, platform)
 DEMO_CLIENTS: dict[str, tuple[str | None, str, bool]] = {

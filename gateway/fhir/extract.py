@@ -13,12 +13,21 @@ from typing import Any
 
 from gateway.fhir.datetimes import parse_range
 from gateway.fhir.references import parse_reference
-from gateway.fhir.searchparams import DATE, REFERENCE, STRING, TOKEN, URI, indexed_params
+from gateway.fhir.searchparams import (
+    DATE,
+    REFERENCE,
+    STRING,
+    TOKEN,
+    URI,
+    SearchParam,
+    indexed_params,
+)
 
 MAX_STRING = 200
 HIDDEN_REF = "_ref"
 COMPARTMENT_ROOTS = frozenset({"Task", "ServiceRequest"})
 MAX_TOKEN = 250
+MAX_URL = 1024  # sp_reference.target_url
 
 
 def normalize_string(value: str) -> str:
@@ -106,6 +115,30 @@ def _dates(value: Any) -> Iterator[tuple[int, int]]:
             yield (start[0] if start else -(2**62)), (end[1] if end else 2**62)
 
 
+def _canonical_rows(sp: SearchParam, value: str, base_url: str | None
+                   ) -> list[tuple[str, str | None, str | None, str | None]]:
+    """Index rows of a canonical URL (``http://x/Questionnaire/phq9|2.0``): an absolute
+    reference to the URL as written and, when it has a version, one to the URL without it (a
+    search by URL finds every version). A canonical on refgw's own base, or a relative
+    ``Questionnaire/id`` some clients send, is a local reference to that resource."""
+    rows: list[tuple[str, str | None, str | None, str | None]] = []
+    url, _, version = value.partition("|")
+    parsed = parse_reference(url, base_url)
+    target = sp.targets[0] if len(sp.targets) == 1 else None
+    if parsed is not None and parsed.url is None:  # local
+        if parsed.id:
+            rows.append((sp.name, parsed.type, parsed.id, None))
+        return rows
+    if "://" not in url:
+        return rows
+    rid = parsed.id if parsed is not None else None
+    rtype = parsed.type if parsed is not None else target
+    rows.append((sp.name, rtype, rid, url[:MAX_URL]))
+    if version:
+        rows.append((sp.name, rtype, rid, value[:MAX_URL]))
+    return rows
+
+
 def extract(resource: dict[str, Any], base_url: str | None = None) -> IndexRows:
     """All index rows for a resource (duplicates removed)."""
     rows = IndexRows()
@@ -119,15 +152,22 @@ def extract(resource: dict[str, Any], base_url: str | None = None) -> IndexRows:
                         rows.token.append((name, (system or None) and system[:MAX_TOKEN],
                                            code[:MAX_TOKEN]))
                 elif sp.type == REFERENCE:
+                    if sp.canonical:
+                        if isinstance(value, str):
+                            rows.reference += _canonical_rows(sp, value, base_url)
+                        continue
                     ref = value.get("reference") if isinstance(value, dict) else None
                     if not isinstance(ref, str):
                         continue
                     parsed = parse_reference(ref, base_url)
                     if parsed is None:
                         continue
-                    if sp.targets and parsed.type not in sp.targets:
+                    if sp.filter_targets and parsed.type not in sp.targets:
                         continue
-                    rows.reference.append((name, parsed.type, parsed.id, parsed.url))
+                    # an absurdly long URL is cut to the column's size (PostgreSQL refused the
+                    # whole write): the row still says the element is set (an owner is an owner)
+                    rows.reference.append((name, parsed.type, parsed.id,
+                                           parsed.url and parsed.url[:MAX_URL]))
                 elif sp.type == STRING:
                     for s in _strings(value):
                         n = normalize_string(s)

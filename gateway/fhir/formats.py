@@ -34,18 +34,67 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";")[0].strip().lower()
 
 
+#: what a request body may be labelled with (HTTP 415 for anything else)
+ACCEPTED_BODY_TYPES = (FHIR_JSON, "application/json", FHIR_XML, "application/xml", "text/xml")
+FHIR_VERSION = "4.0"  # the ``fhirVersion`` MIME parameter of FHIR R4
+
+
+def _media_params(content_type: str) -> dict[str, str]:
+    params = {}
+    for part in content_type.split(";")[1:]:
+        key, _, value = part.partition("=")
+        params[key.strip().lower()] = value.strip().strip('"').lower()
+    return params
+
+
 def body_format(content_type: str | None, body: bytes) -> str:
-    """JSON or XML for a request body. A missing Content-Type is sniffed from the body."""
+    """JSON or XML for a request body, from its Content-Type (parameters ``charset=utf-8`` and
+    ``fhirVersion=4.0`` allowed). Only a body sent without any Content-Type is sniffed; any
+    other media type is refused with 415, as HTTP and FHIR say."""
+    if content_type is None or not content_type.strip():
+        return XML if body.lstrip()[:1] == b"<" else JSON
     mt = media_type(content_type)
     if mt in _JSON_TYPES:
-        return JSON
-    if mt in _XML_TYPES:
-        return XML
-    if mt in ("", "application/octet-stream", "text/plain"):
-        return XML if body.lstrip()[:1] == b"<" else JSON
-    raise UnsupportedMediaType(
-        f"Content-Type {mt!r} is not supported: send application/fhir+json or "
-        "application/fhir+xml", "Content-Type")
+        fmt = JSON
+    elif mt in _XML_TYPES:
+        fmt = XML
+    else:
+        hint = (" (curl labels --data as a form unless told otherwise: add "
+                f"-H 'Content-Type: {FHIR_JSON}')" if mt == FORM else "")
+        raise UnsupportedMediaType(
+            f"Content-Type {mt or content_type.strip()!r} is not a FHIR format: send the "
+            f"resource as JSON with Content-Type: {FHIR_JSON} (or as XML with {FHIR_XML})"
+            f"{hint}. Accepted: {', '.join(ACCEPTED_BODY_TYPES)}", "Content-Type")
+    params = _media_params(content_type)
+    charset = params.get("charset")
+    if charset is not None and charset not in ("utf-8", "utf8"):
+        raise UnsupportedMediaType(
+            f"Content-Type says charset={charset}: FHIR bodies are UTF-8; send "
+            f"{mt}; charset=utf-8", "Content-Type")
+    version = params.get("fhirversion")
+    if version is not None and version not in (FHIR_VERSION, "4.0.0", "4.0.1"):
+        raise UnsupportedMediaType(
+            f"Content-Type says fhirVersion={version}: refgw speaks FHIR R4 only "
+            f"(fhirVersion={FHIR_VERSION})", "Content-Type")
+    return fmt
+
+
+def accepted(accept: str | None) -> list[str]:
+    """The media types of an Accept header, most preferred first (by ``q``, then by order),
+    without those it refuses (``q=0``)."""
+    ranked = []
+    for i, part in enumerate((accept or "").split(",")):
+        bits = [b.strip() for b in part.split(";")]
+        q = 1.0
+        for b in bits[1:]:
+            if b.startswith("q="):
+                try:
+                    q = float(b[2:])
+                except ValueError:
+                    q = 0.0
+        if q > 0:
+            ranked.append((-q, i, media_type(bits[0])))
+    return [mt for _q, _i, mt in sorted(ranked)]
 
 
 def response_format(accept: str | None, format_param: str | None) -> str:
@@ -58,20 +107,7 @@ def response_format(accept: str | None, format_param: str | None) -> str:
         return fmt
     if not accept:
         return JSON
-    candidates = []
-    for part in accept.split(","):
-        bits = [b.strip() for b in part.split(";")]
-        q = 1.0
-        for b in bits[1:]:
-            if b.startswith("q="):
-                try:
-                    q = float(b[2:])
-                except ValueError:
-                    q = 0.0
-        candidates.append((q, media_type(bits[0])))
-    for q, mt in sorted(candidates, key=lambda c: -c[0]):
-        if q <= 0:
-            continue
+    for mt in accepted(accept):
         if mt in _JSON_TYPES or mt in ("*/*", "application/*", "text/html", "*"):
             return JSON
         if mt in _XML_TYPES:

@@ -18,19 +18,34 @@ What a differential element can say, and what is checked:
   has codings but none from the value set) on ``code``, ``Coding`` and ``CodeableConcept``;
 * ``type``: the allowed types of a choice element; ``targetProfile`` of a Reference, checked on
   the ``Type/id`` of relative and absolute references and on ``#id`` contained ones
-  (``urn:uuid:`` references inside a Bundle are not checked here); ``profile`` of an Extension,
-  which validates the extension against that extension's StructureDefinition;
+  (``urn:uuid:`` references inside a Bundle are not checked here; refgw never resolves a
+  reference, so a target profile is checked as its resource type; ``Resource`` allows any);
+  ``profile`` of an Extension, which validates the extension against that extension's
+  StructureDefinition;
 * ``slicing`` with discriminators ``value`` / ``pattern`` (a fixed value, pattern or required
-  binding at the discriminator path; ``url`` for extensions) and ``type``; each slice's
-  cardinality is the number of matching values;
+  binding at the discriminator path, or a fixed value or pattern of the slice itself that covers
+  that path; ``url`` for extensions), ``type`` and ``exists`` (a FHIRPath discriminator path
+  that yields something for the slice's members); each slice's cardinality is the number of
+  matching values. A ``profile`` discriminator on ``resolve()`` would need the referenced
+  resource: such slices are carried (so the file says what the IG says) but no value is counted
+  as their member, so they must be optional (min 0) and check nothing;
 * ``constraint``: a FHIRPath invariant evaluated (fhirpathpy, R4 model) on every occurrence of
   the element; ``severity`` error or warning becomes the issue's severity and ``human`` its
   diagnostics. The issue's ``expression`` names the elements whose ``condition`` lists the
-  constraint's key, so ``Task.statusReason`` rather than ``Task``.
+  constraint's key, so ``Task.statusReason`` rather than ``Task``. A constraint on a choice
+  element (``effective[x]``) is evaluated from its parent as ``effective.all(<expression>)``,
+  so that ``$this is dateTime`` and ``ofType(Quantity)`` see the value's type.
+
+A profile whose ``baseDefinition`` is another shipped profile is checked together with it (a
+resource that claims refgw's house rules for referral Tasks is also checked against the IG's
+Task profile they build on). A claimed profile that the folder does not hold, or holds in
+another version (``url|version``), is not checked, and validation says so in a warning: a
+resource is never silently reported as conforming to a profile refgw did not check.
 
 Every issue carries a refgw code (3xxx, validation): 3101 cardinality, 3102 fixed or pattern
 value, 3103 binding, 3104 reference target, 3105 invariant, 3106 choice type, 3107 profile does
-not apply to this resource type, 3108 invariant could not be evaluated.
+not apply to this resource type, 3108 invariant could not be evaluated, 3109 claimed profile not
+known to refgw (not checked), 3110 claimed profile version not shipped (not checked).
 
 ``DEFAULT_PROFILES_DIR`` is the repository's ``profiles/`` folder, or the copy a wheel installs
 (``gateway.datafiles``).
@@ -86,6 +101,13 @@ C_INVARIANT = "3105"
 C_TYPE = "3106"
 C_PROFILE_TYPE = "3107"
 C_INVARIANT_FAILED = "3108"
+C_PROFILE_UNKNOWN = "3109"
+C_PROFILE_VERSION = "3110"
+
+#: target profiles that stand for "any resource"
+_ANY_TARGET = frozenset({"Resource", "DomainResource"})
+#: the discriminator paths of a ``profile`` discriminator on the referenced resource
+_RESOLVE_PATHS = frozenset({"resolve()", "$this.resolve()"})
 
 
 class ProfileLoadError(GatewayError):
@@ -586,6 +608,7 @@ class _Profile:
     type: str
     title: str
     root: _Node
+    base: str | None = None  # baseDefinition, when it is another shipped profile
 
     def walk(self, value: dict[str, Any], expr: str, ctx: _Ctx) -> None:
         _visit(self.root, [(value, expr)], ctx)
@@ -746,27 +769,48 @@ class ProfileRegistry:
             raise KeyError(f"ValueSet {valueset_url} is not in the profiles folder")
         return self._valuesets[url].codes
 
-    def validate(self, resource: dict[str, Any], profile_url: str | None = None) -> list[Issue]:
+    def based_on(self, urls: Iterable[str]) -> list[str]:
+        """The shipped profiles that build on one of ``urls`` (their ``baseDefinition``), e.g.
+        refgw's house rules for a claimed IG profile; ``|version`` is ignored."""
+        wanted = {_strip_version(u) for u in urls if isinstance(u, str)}
+        return [p.url for p in self._compiled.values()
+                if p.base in wanted and p.url not in wanted]
+
+    def validate(self, resource: dict[str, Any], profile_url: str | None = None, *,
+                 extra: Iterable[str] = ()) -> list[Issue]:
         """Issues of ``resource`` against ``profile_url``, or against every profile in
-        ``resource["meta"]["profile"]`` that this registry knows (unknown ones are skipped).
+        ``resource["meta"]["profile"]``, plus the shipped profiles in ``extra``; each profile
+        together with the shipped profiles it builds on.
+
+        A claimed profile that is not shipped, or is shipped in another version than the
+        ``|version`` the claim names, is not checked: a warning (3109, 3110) says so, naming
+        ``<Type>.meta.profile[i]``. Claims of FHIR's own resource definitions
+        (``http://hl7.org/fhir/StructureDefinition/Task``) need no profile: refgw's structural
+        validation checks every resource against its base definition.
 
         Returns error and warning issues; an empty list means no rule was broken.
         Raises ``KeyError`` if an explicitly given ``profile_url`` is unknown.
         """
-        if profile_url is not None:
-            prof = self._compiled.get(_strip_version(profile_url))
-            if prof is None:
-                raise KeyError(f"profile {profile_url} is not in the profiles folder")
-            profiles = [prof]
-        else:
-            claimed = (resource.get("meta") or {}).get("profile") or []
-            urls = dict.fromkeys(_strip_version(u) for u in claimed if isinstance(u, str))
-            profiles = [self._compiled[u] for u in urls if u in self._compiled]
-        if not profiles:
-            return []
         rtype = resource.get("resourceType")
         ctx = _Ctx(self, resource, variables={"resource": resource, "rootResource": resource})
-        for prof in profiles:
+        urls: list[str] = []
+        if profile_url is not None:
+            if _strip_version(profile_url) not in self._compiled:
+                raise KeyError(f"profile {profile_url} is not in the profiles folder")
+            urls.append(_strip_version(profile_url))
+        else:
+            urls += self._claimed(resource, ctx)
+        urls += [_strip_version(u) for u in extra if _strip_version(u) in self._compiled]
+        profiles: dict[str, _Profile] = {}
+        for url in urls:
+            chain: list[_Profile] = []
+            prof: _Profile | None = self._compiled[url]
+            while prof is not None and prof.url not in profiles and prof not in chain:
+                chain.append(prof)
+                prof = self._compiled.get(prof.base) if prof.base else None
+            for p in reversed(chain):  # what a profile builds on first
+                profiles[p.url] = p
+        for prof in profiles.values():
             if prof.type != rtype:
                 ctx.add("error", "structure",
                         f"{rtype} cannot conform to {prof.title} ({prof.url}), which is a "
@@ -781,6 +825,37 @@ class ProfileRegistry:
                 seen.add(k)
                 unique.append(i)
         return unique
+
+    def _claimed(self, resource: dict[str, Any], ctx: _Ctx) -> list[str]:
+        """The claimed profiles this registry can check; a warning for each one it cannot."""
+        meta = resource.get("meta")
+        claimed = meta.get("profile") if isinstance(meta, dict) else None
+        if not isinstance(claimed, list):
+            return []
+        rtype = str(resource.get("resourceType") or "Resource")
+        out: list[str] = []
+        for i, claim in enumerate(claimed):
+            if not isinstance(claim, str) or not claim:
+                continue
+            url, _, version = claim.partition("|")
+            where = f"{rtype}.meta.profile[{i}]"
+            if url in self._compiled:
+                shipped = self._resources[url].get("version")
+                if version and shipped and version != shipped:
+                    ctx.add("warning", "not-supported",
+                            f"{where} names version {version} of the profile {url}; refgw has "
+                            f"only version {shipped}, so this {rtype} was not checked against "
+                            f"the version it claims", where, C_PROFILE_VERSION)
+                else:
+                    out.append(url)
+            elif url.startswith(CORE_SD) and _TYPE_NAME.match(url[len(CORE_SD):]):
+                continue  # FHIR's own definition of a resource type: checked structurally
+            else:
+                ctx.add("warning", "not-supported",
+                        f"{where} names the profile {claim}, which refgw does not have, so this "
+                        f"{rtype} was not checked against it (refgw checks only the profiles "
+                        "it ships)", where, C_PROFILE_UNKNOWN)
+        return out
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -847,7 +922,9 @@ class _Compiler:
         for node in self.nodes.values():
             if node.slices:
                 self._slicing(node)
-        return _Profile(self.url, type_, self.title, root)
+        base = _strip_version(sd["baseDefinition"])
+        return _Profile(self.url, type_, self.title, root,
+                        base if base != self.url and base in self.registry._resources else None)
 
     def _node(self, eid: str) -> _Node:
         node = self.nodes.get(eid)
@@ -913,7 +990,8 @@ class _Compiler:
                                              str(binding.get("description") or "")))
         self._types(node, el.get("type"), where)
         for c in el.get("constraint") or []:
-            node.checks.append(self._constraint(node, c, conditions, where))
+            host, check = self._constraint(node, c, conditions, where)
+            host.checks.append(check)
 
     def _types(self, node: _Node, types: Any, where: str) -> None:
         if types is None:
@@ -936,7 +1014,7 @@ class _Compiler:
                     raise self.fail(f"{where}: type profile {prof} is not in the profiles "
                                     "folder, so values could not be checked against it")
                 node.checks.append(_ProfileCheck(url))
-        if targets:
+        if targets and not _ANY_TARGET.intersection(targets):
             allowed = tuple(dict.fromkeys(targets))
             node.checks.append(_ReferenceCheck(
                 frozenset(allowed), _or_list([_article(a) for a in allowed])))
@@ -954,7 +1032,11 @@ class _Compiler:
                         "the profiles folder, so its resource type is unknown")
 
     def _constraint(self, node: _Node, c: Any, conditions: dict[str, list[str]],
-                    where: str) -> _ConstraintCheck:
+                    where: str) -> tuple[_Node, _ConstraintCheck]:
+        """The check of constraint ``c`` and the node it runs on: ``node`` itself, or for a
+        choice element (``effective[x]``) its parent, evaluating ``effective.all(<expr>)``
+        there, because only from the parent does the FHIRPath engine know the value's type
+        (``$this is dateTime``, ``ofType(Quantity)``)."""
         if not isinstance(c, dict):
             raise self.fail(f"{where}: constraint must be an object")
         key, severity = c.get("key"), c.get("severity")
@@ -968,23 +1050,29 @@ class _Compiler:
         if problem:
             raise self.fail(f"{where}: constraint {key} has an invalid FHIRPath expression "
                             f"{expression!r} ({problem})")
-        fn = _compile_fhirpath(expression)
-        is_root = node.path == node.path.split(".", 1)[0]
-        base = None if is_root or "[x]" in node.path else node.path
-        probe: Any = {"resourceType": node.path} if is_root else {}
+        host, evaluated = node, expression
+        if node.name.endswith("[x]") and "." in node.id:
+            host = self.nodes[node.id.rsplit(".", 1)[0]]
+            evaluated, implies = f"{node.fp_name}.all({expression})", None
+        fn = _compile_fhirpath(evaluated)
+        is_root = host.path == host.path.split(".", 1)[0]
+        base = None if is_root or "[x]" in host.path else host.path
+        probe: Any = {"resourceType": host.path} if is_root else {}
         try:
             fn(_typed_node(probe, base), {"resource": probe})
         except Exception as exc:
             raise self.fail(f"{where}: constraint {key} cannot be evaluated "
                             f"({expression!r}: {exc})") from exc
-        rel = tuple(p[len(node.path):].replace("[x]", "")
-                    for p in conditions.get(key, ()) if p.startswith(node.path + "."))
-        check = _ConstraintCheck(key, str(severity), human, expression, base, rel, fn)
+        rel = tuple(p[len(host.path):].replace("[x]", "")
+                    for p in conditions.get(key, ()) if p.startswith(host.path + "."))
+        if host is not node and not rel:
+            rel = (f".{node.fp_name}",)
+        check = _ConstraintCheck(key, str(severity), human, evaluated, base, rel, fn)
         if implies is not None:
             check.left = _compile_fhirpath(implies[0])
             check.right = _compile_fhirpath(implies[1])
             check.guard = _fast_guard(implies[0])
-        return check
+        return host, check
 
     # ---- slicing
 
@@ -1043,6 +1131,18 @@ class _Compiler:
                 return (lambda v: any(_contains(x, pattern) for x in at_path(v)),
                         f"{label}with {_show_pattern(pattern)}" if segs
                         else _show_pattern(pattern))
+            if target is None and segs:
+                whole = next((sl.element[k] for k in sl.element
+                              if k.startswith(("fixed", "pattern"))), None)
+                part = whole
+                for seg in segs:
+                    part = part.get(seg) if isinstance(part, dict) else None
+                if part is not None:
+                    partial: Any = part
+                    for seg in reversed(segs):
+                        partial = {seg: partial}
+                    return (lambda v: _contains(v, partial),
+                            f"{dpath} with {_show_pattern({segs[-1]: part})}")
             binding = el.get("binding") if isinstance(el.get("binding"), dict) else None
             if binding and binding.get("strength") == "required":
                 vs = self.registry._valuesets[_strip_version(binding["valueSet"])]
@@ -1075,8 +1175,30 @@ class _Compiler:
                     for h in holders)
 
             return has_type, f"{dpath} of type {_or_list(sorted(types))}"
+        if dtype == "exists":
+            problem, _ = _parse_fhirpath(dpath)
+            if problem:
+                raise self.fail(f"{where}: discriminator path {dpath!r} is not valid FHIRPath "
+                                f"({problem})")
+            present = _compile_fhirpath(dpath)
+
+            def exists(value: Any) -> bool:
+                try:
+                    return isinstance(value, dict) and bool(present(value, {}))
+                except Exception:  # a value the path cannot be evaluated on is not a member
+                    return False
+
+            return exists, dpath
+        if dtype == "profile" and dpath in _RESOLVE_PATHS:
+            if sl.min:
+                raise self.fail(f"{where}: a profile discriminator needs the referenced resource "
+                                "(resolve()), which refgw never fetches, so this slice cannot be "
+                                "required (min must be 0)")
+            return (lambda v: False,
+                    "a reference to a resource that conforms to the slice's profile (not checked: "
+                    "refgw does not resolve references)")
         raise self.fail(f"{where}: discriminator type {dtype!r} is not supported (use value, "
-                        "pattern or type)")
+                        "pattern, type or exists)")
 
 
 def _in_valueset(value: Any, vs: _ValueSet) -> bool:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
+from gateway.errors import Issue
 from gateway.fhir.searchparams import RESOURCE_TYPES
 
 ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -54,3 +56,35 @@ def parse_reference(value: str, base_url: str | None = None) -> Ref | None:
 
 def is_known_type(name: str) -> bool:
     return name in _KNOWN
+
+
+#: Identifier.system of a URL kept as an identifier (RFC 3986: the value is a URI)
+URI_SYSTEM = "urn:ietf:rfc:3986"
+
+
+def localize_own_references(resource: dict[str, Any], path: str, fhir_base: str,
+                            organization: str) -> list[Issue]:
+    """References to the caller's own Organization on the caller's own FHIR server
+    (``{fhir_base}/Organization/{id}``, as a client registered with ``--fhir-base`` sends them:
+    the Java reference implementation's EHR names its requester so) become the local
+    ``Organization/{id}``, keeping the absolute URL as the reference's identifier. Only the
+    caller's own Organization: other absolute references stay as they are. One note each."""
+    from gateway.fhir.extract import references_in
+
+    base = fhir_base.rstrip("/") + "/"
+    notes = []
+    for ref, where in references_in(resource):
+        value = ref["reference"]
+        if not value.startswith(base):
+            continue
+        parsed = parse_reference(value[len(base):])
+        if parsed is None or parsed.local != organization:
+            continue
+        ref["reference"] = organization
+        ref.setdefault("identifier", {"system": URI_SYSTEM, "value": value})
+        expr = f"{path}.{where}" if where else path
+        notes.append(Issue("information", "informational",
+                           f"{expr} named your Organization on your own FHIR server ({value}); "
+                           f"refgw stores it as {organization}, keeping the URL as its "
+                           "identifier", [expr], "3005"))
+    return notes

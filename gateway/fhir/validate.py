@@ -54,10 +54,26 @@ REQUIRED_CODES: dict[tuple[str, str], frozenset[str]] = {
     ("DocumentReference", "status"): frozenset("current superseded entered-in-error".split()),
     ("Endpoint", "status"): frozenset(
         "active suspended error off entered-in-error test".split()),
+    ("Questionnaire", "status"): frozenset("draft active retired unknown".split()),
+    ("QuestionnaireResponse", "status"): frozenset(
+        "in-progress completed amended entered-in-error stopped".split()),
     ("Patient", "gender"): frozenset("male female other unknown".split()),
     ("Practitioner", "gender"): frozenset("male female other unknown".split()),
     ("RelatedPerson", "gender"): frozenset("male female other unknown".split()),
 }
+
+#: FHIR TaskStatus codes the SDOH Clinical Care IG's referral Task status ValueSet excludes
+_NOT_REFERRAL_STATUSES = frozenset({"received", "ready"})
+
+
+def _looks_like_referral(task: dict[str, Any]) -> bool:
+    """A referral Task by content: code ``task-code#fulfill`` and intent ``order``."""
+    code = task.get("code")
+    codings = code.get("coding") if isinstance(code, dict) else None
+    return task.get("intent") == "order" and isinstance(codings, list) and any(
+        isinstance(c, dict) and c.get("code") == "fulfill"
+        and c.get("system") == "http://hl7.org/fhir/CodeSystem/task-code" for c in codings)
+
 
 _PLAIN = {
     "missing": "is required but missing",
@@ -136,6 +152,57 @@ def clean_references(node: Any, path: str) -> list[Issue]:
     return warnings
 
 
+def _null_ok(parent: dict[str, Any], key: str, index: int) -> bool:
+    """FHIR JSON's one use of null: a primitive array and its ``_element`` twin pad each other
+    (``"given": ["Ann", null], "_given": [null, {"extension": [...]}]``)."""
+    twin = parent.get(key[1:] if key.startswith("_") else "_" + key)
+    return isinstance(twin, list) and index < len(twin) and twin[index] is not None
+
+
+def drop_nulls(resource: dict[str, Any], path: str, *, lenient: bool) -> list[Issue]:
+    """JSON ``null`` where FHIR JSON allows none (an element set to null, a null inside a
+    list). Strict: raise Unprocessable naming each one. Lenient (the caller's validation policy
+    for this type is warn or off): remove them in place, one warning each."""
+    found: list[str] = []
+
+    def walk(node: Any, p: str) -> None:
+        if isinstance(node, dict):
+            for key in list(node):
+                value = node[key]
+                if value is None:
+                    found.append(f"{p}.{key}")
+                    if lenient:
+                        del node[key]
+                elif isinstance(value, list):
+                    keep = []
+                    for i, item in enumerate(value):
+                        if item is None and not _null_ok(node, key, i):
+                            found.append(f"{p}.{key}[{i}]")
+                            if lenient:
+                                continue
+                        keep.append(item)
+                        walk(item, f"{p}.{key}[{i}]")
+                    if lenient and len(keep) != len(value):
+                        if keep:
+                            node[key] = keep
+                        else:
+                            del node[key]
+                else:
+                    walk(value, f"{p}.{key}")
+
+    walk(resource, path)
+    if not found:
+        return []
+    if not lenient:
+        raise Unprocessable(issues=[Issue(
+            "error", "structure", f"{where} is null: FHIR JSON has no null values; leave an "
+            "element without a value out, and a list holds only real entries", [where], "3004")
+            for where in found])
+    return [Issue("warning", "structure", f"{where} was null and has been dropped (FHIR JSON "
+                  "has no null values; leave an element without a value out)", [where], "3004")
+            for where in found]
+
+
 def _nul_issues(node: Any, path: str) -> list[Issue]:
     """Text containing U+0000: not FHIR text, and PostgreSQL cannot store it (so both
     databases reject it alike)."""
@@ -174,9 +241,14 @@ def validate_structure(resource: dict[str, Any]) -> None:
             continue
         value = resource[element]
         if isinstance(value, str) and value not in allowed:
+            listed, note = sorted(allowed), ""
+            if (t, element) == ("Task", "status") and _looks_like_referral(resource):
+                # what README and the IG allow a referral Task, not every FHIR TaskStatus
+                listed = [c for c in listed if c not in _NOT_REFERRAL_STATUSES]
+                note = " (a referral Task does not use 'received' or 'ready')"
             issues.append(Issue(
                 "error", "code-invalid",
                 f"{rtype}.{element} is {value!r}, which is not one of the allowed codes: "
-                + ", ".join(sorted(allowed)), [f"{rtype}.{element}"], "3003"))
+                + ", ".join(listed) + note, [f"{rtype}.{element}"], "3003"))
     if issues:
         raise Unprocessable(issues=issues)

@@ -12,6 +12,22 @@ INTERACTIONS = ["read", "vread", "update", "patch", "delete", "history-instance"
 READ_ONLY_INTERACTIONS = ["read", "vread", "history-instance", "history-type", "search-type"]
 #: types no client writes through the API (refgw writes them itself)
 READ_ONLY_TYPES = {"AuditEvent"}
+#: refgw's own conformance resources, shipped in profiles/ and served read-only (searchable
+#: by url and _id) by ``FhirService.conformance``; must equal ``rest.CONFORMANCE_TYPES``
+CONFORMANCE_TYPES = ("CodeSystem", "StructureDefinition", "ValueSet")
+CONFORMANCE_SEARCH = [
+    {"name": "url", "type": "uri", "documentation": "The canonical URL (a |version is ignored)"},
+    {"name": "_id", "type": "token", "documentation": "Logical id (comma = OR)"},
+]
+#: operations refgw offers (``rest.operation``)
+OPERATIONS = [{
+    "name": "validate",
+    "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
+    "documentation": "POST /{type}/$validate with the resource (or a Parameters with "
+                     "'resource' and optionally 'profile') as body, for every resource type "
+                     "above except the conformance ones: an OperationOutcome listing every "
+                     "issue against refgw's profiles; nothing is stored.",
+}]
 
 
 def security(base_url: str, auth_disabled: bool) -> dict[str, Any]:
@@ -39,7 +55,8 @@ def capability_statement(base_url: str, software_date: str, *,
                          auth_disabled: bool = False,
                          profiles: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """The instance's CapabilityStatement, generated from what is registered. ``profiles``
-    maps a resource type to the profiles refgw validates it against (``supportedProfile``)."""
+    maps a resource type to the profiles refgw validates it against (``supportedProfile``);
+    given (a profile registry is loaded), refgw's own conformance resources are listed too."""
     resources_ = []
     for rtype in sorted(SEARCH_PARAMS):
         params = [
@@ -77,13 +94,28 @@ def capability_statement(base_url: str, software_date: str, *,
         if revs and rtype in ("ServiceRequest", "Task"):
             entry["searchRevInclude"] = revs
         resources_.append(entry)
+    if profiles is not None:  # served from the profile registry, read-only
+        resources_ += [{
+            "type": rtype,
+            "interaction": [{"code": "read"}, {"code": "search-type"}],
+            "versioning": "no-version",
+            "readHistory": False,
+            "updateCreate": False,
+            "conditionalCreate": False,
+            "conditionalUpdate": False,
+            "conditionalDelete": "not-supported",
+            "searchParam": [dict(p) for p in CONFORMANCE_SEARCH],
+            "documentation": f"refgw's own {rtype}s (profiles/), read-only.",
+        } for rtype in CONFORMANCE_TYPES]
+        resources_.sort(key=lambda r: r["type"])
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
         "date": software_date,
         "publisher": "refgw",
         "kind": "instance",
-        # the IG actor refgw plays, and its own statement of it (GET /CapabilityStatement/refgw)
+        # the IG actor refgw plays, and its own statement of it (profiles/CapabilityStatement-
+        # refgw.json, by canonical URL)
         "instantiates": [
             "http://hl7.org/fhir/us/sdoh-clinicalcare/CapabilityStatement/"
             "SDOHCC-CoordinationPlatform",
@@ -99,5 +131,6 @@ def capability_statement(base_url: str, software_date: str, *,
             "resource": resources_,
             "interaction": [{"code": "transaction"}, {"code": "batch"},
                             {"code": "history-system"}],
+            "operation": [dict(o) for o in OPERATIONS],
         }],
     }

@@ -30,13 +30,14 @@ from gateway.errors import (
 )
 from gateway.fhir.datetimes import format_instant, http_date, parse_range, to_us
 from gateway.fhir.extract import references_in
-from gateway.fhir.references import ID_RE, TYPE_RE, is_known_type
+from gateway.fhir.references import ID_RE, TYPE_RE, is_known_type, localize_own_references
 from gateway.fhir.searchparams import SEARCH_PARAMS
-from gateway.fhir.validate import clean_references, validate_structure
+from gateway.fhir.validate import clean_references, drop_nulls, validate_structure
 from gateway.fhir.profiles import ProfileRegistry
 from gateway.service.capability import READ_ONLY_TYPES, capability_statement
 from gateway.store.policy import Context
 from gateway.store.repository import SearchPage, Session, Store, Stored, normalize_criteria
+from gateway.workflow.validation import mode_for
 
 READ_METHODS = {"GET", "HEAD"}
 CONFORMANCE_TYPES = {"StructureDefinition", "ValueSet", "CodeSystem"}
@@ -96,8 +97,12 @@ class FhirService:
     """All FHIR interactions on one store."""
 
     def __init__(self, store: Store, *, max_bundle_entries: int = 1000,
-                 auth_disabled: bool = False, profiles: ProfileRegistry | None = None) -> None:
+                 auth_disabled: bool = False, profiles: ProfileRegistry | None = None,
+                 validation_policy: dict[str, str] | None = None) -> None:
         self.store = store
+        #: the deployment's validation policy (REFGW_VALIDATION): how lenient to be with a
+        #: malformed body, together with the caller's own policy
+        self.validation_policy = dict(validation_policy or {})
         self.profiles = profiles
         self.max_bundle_entries = max_bundle_entries
         self.auth_disabled = auth_disabled
@@ -147,7 +152,12 @@ class FhirService:
             raise BadRequest(f"$validate needs a {rtype} in the body (or in a Parameters "
                              "'resource')", "resourceType")
         resource = copy.deepcopy(body)
-        issues = clean_references(resource, rtype)
+        try:
+            issues = drop_nulls(resource, rtype, lenient=False)
+        except Unprocessable as err:  # name them all, then check the rest without them
+            issues = err.issues
+            drop_nulls(resource, rtype, lenient=True)
+        issues += clean_references(resource, rtype)
         try:
             validate_structure(resource)
         except Unprocessable as err:
@@ -288,8 +298,12 @@ class FhirService:
                 return FhirResponse(304, None, {"ETag": f'W/"{stored.version}"'})
         return self._resource_response(200, stored, req, s.ctx)
 
-    def _prepare(self, req: FhirRequest, rtype: str, rid: str | None) -> tuple[dict, list[Issue]]:
-        """Check and normalise a resource body for create/update."""
+    def _prepare(self, req: FhirRequest, rtype: str, rid: str | None,
+                 ctx: Context, *, structure: bool = True) -> tuple[dict, list[Issue]]:
+        """Check and normalise a resource body for create/update: JSON nulls (refused, or
+        dropped with a warning where the caller's validation policy for the type is lenient),
+        empty references, absolute references into the caller's own FHIR server that name its
+        Organization, and (unless ``structure`` is false) the FHIR R4 structure."""
         body = req.body
         if not isinstance(body, dict):
             raise BadRequest(f"The body must be a {rtype} resource")
@@ -314,25 +328,29 @@ class FhirService:
                 resource["meta"] = meta
             else:
                 resource.pop("meta")
-        warnings = clean_references(resource, rtype)
-        validate_structure(resource)
+        mode = mode_for(rtype, self.validation_policy, dict(ctx.caller.validation))
+        warnings = drop_nulls(resource, rtype, lenient=mode != "reject")
+        warnings += clean_references(resource, rtype)
+        if ctx.caller.fhir_base and ctx.caller.organization:
+            warnings += localize_own_references(resource, rtype, ctx.caller.fhir_base,
+                                                ctx.caller.organization)
+        if structure:
+            validate_structure(resource)
         return resource, warnings
 
     def create(self, s: Session, req: FhirRequest, rtype: str, *,
                res_id: str | None = None) -> FhirResponse:
-        resource, warnings = self._prepare(req, rtype, None)
+        resource, warnings = self._prepare(req, rtype, None, s.ctx)
         stored, created = s.create(resource, res_id=res_id,
                                    if_none_exist=req.header("if-none-exist"))
-        if not created:
-            return self._resource_response(200, stored, req, s.ctx, location=True,
-                                           issues=warnings + s.drain_warnings())
-        return self._resource_response(201, stored, req, s.ctx, location=True, issues=warnings + s.drain_warnings())
+        return self._resource_response(201 if created else 200, stored, req, s.ctx,
+                                       location=True, issues=warnings + s.drain_warnings())
 
     def update(self, s: Session, req: FhirRequest, rtype: str, rid: str) -> FhirResponse:
-        resource, warnings = self._prepare(req, rtype, rid)
+        resource, warnings = self._prepare(req, rtype, rid, s.ctx)
         if_match = parse_if_match(req.header("if-match"))
         stored, created = s.update(resource, rid, if_match=if_match)
-        status = 201 if created or stored.version == 1 else 200
+        status = 201 if created else 200
         return self._resource_response(status, stored, req, s.ctx, location=True,
                                        issues=warnings + s.drain_warnings())
 
@@ -355,9 +373,10 @@ class FhirService:
                 or patched.get("id") != rid:
             raise Unprocessable("A patch may not change resourceType or id", f"{rtype}.id")
         sub = FhirRequest("PATCH", req.path, req.params, req.headers, patched)
-        resource, warnings = self._prepare(sub, rtype, rid)
+        resource, warnings = self._prepare(sub, rtype, rid, s.ctx)
         stored, _ = s.update(resource, rid, if_match=current.version, method="PATCH")
-        return self._resource_response(200, stored, req, s.ctx, issues=warnings + s.drain_warnings())
+        return self._resource_response(200, stored, req, s.ctx,
+                                       issues=warnings + s.drain_warnings())
 
     def delete(self, s: Session, rtype: str, rid: str) -> FhirResponse:
         stored = s.delete(rtype, rid)
@@ -436,11 +455,17 @@ class FhirService:
         for st in page.included:
             entries.append({"fullUrl": f"{base}/{st.res_type}/{st.id}", "resource": st.body,
                             "search": {"mode": "include"}})
+        # one outcome entry for what the search did not do as asked: parameters ignored
+        # under lenient handling, what parsing let through (an empty reference matched
+        # nothing), and what the store cut short (a _revinclude past its cap)
+        issues = list(q.warnings) + list(page.warnings)
         if q.ignored:
-            entries.append({"resource": outcome([Issue(
+            issues.insert(0, Issue(
                 "warning", "not-supported",
                 f"Ignored unknown search parameter(s): {', '.join(q.ignored)}",
-                q.ignored, "1003")]), "search": {"mode": "outcome"}})
+                q.ignored, "1003"))
+        if issues:
+            entries.append({"resource": outcome(issues), "search": {"mode": "outcome"}})
         if entries:
             bundle["entry"] = entries
         return bundle
@@ -544,6 +569,7 @@ class FhirService:
                     _rewrite_references(entry, idmap, s)
                 except GatewayError as err:
                     raise err.prefixed(f"Bundle.entry[{entry.index}].resource") from err
+            self._settle_resends(s, parsed)
             order = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
             for entry in sorted(parsed, key=lambda e: (order[e.req.method], e.index)):
                 try:
@@ -558,10 +584,62 @@ class FhirService:
             "resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "transaction-response",
             "entry": [responses[i] for i in range(len(parsed))]})
 
+    def _settle_resends(self, s: Session, parsed: list[_Entry]) -> None:
+        """Create entries that re-send something stored (a referral whose identifier its
+        requester already used: an EHR retrying after a time-out) answer with the stored
+        resource, as a conditional create would; references to the entry then point at it."""
+        remap: dict[str, str] = {}
+        creates = {f"{e.assigned[0]}/{e.assigned[1]}": e for e in parsed
+                   if e.req.method == "POST" and e.assigned is not None
+                   and e.existing is None and isinstance(e.req.body, dict)}
+        resent: list[_Entry] = []
+        for ref, e in creates.items():
+            try:  # the structure is checked when the entry is created
+                resource, _ = self._prepare(e.req, ref.split("/")[0], None, s.ctx,
+                                            structure=False)
+                hit = s.find_existing(resource)
+            except GatewayError as err:
+                raise _in_entry(err, e) from err
+            if hit is not None:
+                e.existing, e.issues = hit
+                remap[ref] = f"{e.existing.res_type}/{e.existing.id}"
+                resent.append(e)
+        # What a re-sent entry points at (its Consent, its Patient) was sent before too:
+        # answer each with what the stored resource points at in the same place.
+        while resent:
+            e = resent.pop()
+            stored_body = e.existing.body if e.existing is not None else None
+            for ref, path in references_in(e.req.body):
+                other = creates.get(ref["reference"])
+                if other is None or other.existing is not None:
+                    continue
+                otype = ref["reference"].split("/")[0]
+                before = _reference_at(stored_body, path)
+                if not before or before.split("/")[0] != otype:
+                    continue
+                found = s.find(otype, [("_id", before.split("/", 1)[1])], limit=1)
+                if not found:
+                    continue
+                other.existing = found[0]
+                other.issues = [Issue(
+                    "warning", "duplicate", f"This {otype} belongs to a referral sent before: "
+                    f"it was not stored again; this answer is {before}, which the stored "
+                    "referral points at", [otype], "3008")]
+                remap[ref["reference"]] = before
+                resent.append(other)
+        if not remap:
+            return
+        for e in parsed:
+            if isinstance(e.req.body, dict):
+                for ref, _path in references_in(e.req.body):
+                    if ref["reference"] in remap:
+                        ref["reference"] = remap[ref["reference"]]
+
     def _tx_create(self, s: Session, entry: _Entry) -> FhirResponse:
         rtype, rid = entry.assigned  # type: ignore[misc]
         if entry.existing is not None:
-            return self._resource_response(200, entry.existing, entry.req, s.ctx, location=True)
+            return self._resource_response(200, entry.existing, entry.req, s.ctx, location=True,
+                                           issues=entry.issues)
         req = FhirRequest("POST", rtype, [], {k: v for k, v in entry.req.headers.items()
                                               if k != "if-none-exist"}, entry.req.body)
         return self.create(s, req, rtype, res_id=rid)
@@ -629,6 +707,7 @@ class _Entry:
     error: GatewayError | None = None
     assigned: tuple[str, str] | None = None
     existing: Stored | None = None
+    issues: list[Issue] = field(default_factory=list)  # warnings of an entry answered early
 
 
 _ABS_RE = re.compile(r"^https?://[^?]*?/(?=[A-Z][A-Za-z]+(?:[/?]|$))")
@@ -764,6 +843,27 @@ def _rewrite_references(entry: _Entry, idmap: dict[str, str], s: Session) -> Non
                     f"{path} is the conditional reference {value!r}, which matches "
                     f"{len(found)} resources; it must match exactly one", path)
             ref["reference"] = f"{rtype}/{found[0].id}"
+
+
+_STEP_RE = re.compile(r"([A-Za-z_]+)((?:\[\d+\])*)")
+
+
+def _reference_at(body: dict[str, Any] | None, path: str) -> str | None:
+    """The reference string at ``path`` (as :func:`references_in` names it, e.g.
+    ``supportingInfo[0]``) of ``body``, if there is one."""
+    node: Any = body
+    for step in path.split("."):
+        m = _STEP_RE.fullmatch(step)
+        if m is None or not isinstance(node, dict):
+            return None
+        node = node.get(m.group(1))
+        for index in re.findall(r"\d+", m.group(2)):
+            if not isinstance(node, list) or int(index) >= len(node):
+                return None
+            node = node[int(index)]
+    if isinstance(node, dict) and isinstance(node.get("reference"), str):
+        return node["reference"]
+    return None
 
 
 def _response_entry(resp: FhirResponse, ctx: Context) -> dict[str, Any]:

@@ -28,6 +28,9 @@ class Caller:
     scopes: tuple[str, ...] = ()
     #: the client's own validation policy, (resource type or "*", mode) pairs
     validation: tuple[tuple[str, str], ...] = ()
+    #: base URL of the client's own FHIR server (absolute references into it that name the
+    #: client's Organization are stored as local references)
+    fhir_base: str | None = None
 
 
 class AccessPolicy(Protocol):

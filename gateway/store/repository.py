@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
@@ -100,6 +100,7 @@ class SearchPage:
     total: int | None
     next_cursor: str | None
     next_offset: int | None
+    warnings: list[Issue] = field(default_factory=list)  # e.g. a _revinclude cut off
 
 
 class _Clock:
@@ -115,6 +116,9 @@ class _Clock:
             self._last = max(t, self._last + 1)
             return self._last
 
+
+#: most resources a ``_revinclude`` adds per target type and page (see ``Session._reverse``)
+REVINCLUDE_CAP = 1000
 
 #: a registered write older than this is taken as dead (a crashed process)
 INFLIGHT_TTL_US = 120 * 1_000_000
@@ -138,6 +142,23 @@ def _lock_key(text_: str) -> int:
                           signed=True)
 
 
+_VOLATILE_META = ("versionId", "lastUpdated")
+
+
+def _same_content(stored: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+    """Whether ``new`` (a resource about to be written, without id) says exactly what the
+    stored version says, ignoring id and the meta that refgw stamps on every version."""
+    if stored is None:
+        return False
+    a = {k: v for k, v in stored.items() if k not in ("id", "meta")}
+    b = {k: v for k, v in new.items() if k not in ("id", "meta")}
+    if a != b:
+        return False
+    ma = {k: v for k, v in (stored.get("meta") or {}).items() if k not in _VOLATILE_META}
+    mb = {k: v for k, v in (new.get("meta") or {}).items() if k not in _VOLATILE_META}
+    return ma == mb
+
+
 def normalize_criteria(criteria: str) -> list[tuple[str, str]]:
     """Conditional criteria (``identifier=a|b&status=x``) as sorted parameter pairs."""
     pairs = parse_qsl(criteria.lstrip("?"), keep_blank_values=True)
@@ -147,7 +168,21 @@ def normalize_criteria(criteria: str) -> list[tuple[str, str]]:
 
 
 class WriteHook(Protocol):
-    """Domain rules that run inside the writing transaction (see gateway.workflow)."""
+    """Domain rules that run inside the writing transaction (see gateway.workflow).
+
+    Order for a write: ``prepare`` (before the access policy looks at it), then for a create
+    ``existing`` (the write is a re-send of something stored: answer with that), the access
+    policy's ``check_write``, ``before_write``, the write itself, ``after_write``."""
+
+    def prepare(self, session: Session, interaction: str, res_type: str,
+                old: Stored | None, new: dict[str, Any]) -> list[Issue]:
+        """Complete ``new`` in place before the access policy checks it (e.g. fill in what
+        the caller's token already says); idempotent; return warnings."""
+
+    def existing(self, session: Session, res_type: str,
+                 new: dict[str, Any]) -> tuple[Stored, Issue] | None:
+        """A stored resource that ``new`` (a create, prepared) duplicates, and a warning
+        saying so; None when ``new`` is new."""
 
     def before_write(self, session: Session, interaction: str, res_type: str,
                      old: Stored | None, new: dict[str, Any]) -> list[Issue]:
@@ -402,15 +437,50 @@ class Session:
                 if found:
                     target.res_id = found[0].id
                     return found[0], False
-            stored = self._create(resource, res_id)
+            resource = self._prepared("create", resource, None)
+            found = self._existing(res_type, resource)
+            if found is not None:
+                target.res_id = found.id
+                return found, False
+            stored = self._create(resource, res_id, prepared=True)
             target.res_id = stored.id
             return stored, True
 
-    def _create(self, resource: dict[str, Any], res_id: str | None) -> Stored:
+    def _prepared(self, interaction: str, resource: dict[str, Any],
+                  old: Stored | None) -> dict[str, Any]:
+        """A private copy of ``resource`` completed by the hooks' ``prepare``."""
+        resource = self._copy(resource)
+        for hook in self.store.hooks:
+            self.warnings.extend(hook.prepare(self, interaction, resource["resourceType"],
+                                              old, resource))
+        return resource
+
+    def _existing(self, res_type: str, resource: dict[str, Any]) -> Stored | None:
+        """What a prepared create duplicates (a re-sent referral), its warning recorded."""
+        for hook in self.store.hooks:
+            hit = hook.existing(self, res_type, resource)
+            if hit is not None:
+                self.warnings.append(hit[1])
+                return hit[0]
+        return None
+
+    def find_existing(self, resource: dict[str, Any]) -> tuple[Stored, list[Issue]] | None:
+        """For a transaction's create entries, before ids are settled: what ``resource`` would
+        duplicate, with the warnings its create would give."""
+        seen = len(self.warnings)
+        prepared = self._prepared("create", resource, None)
+        found = self._existing(resource["resourceType"], prepared)
+        issues = self.warnings[seen:]
+        del self.warnings[seen:]
+        return (found, issues) if found is not None else None
+
+    def _create(self, resource: dict[str, Any], res_id: str | None, *,
+                prepared: bool = False) -> Stored:
         res_type = resource["resourceType"]
+        if not prepared:
+            resource = self._prepared("create", resource, None)
         self.ctx.policy.check_write(self, "create", res_type, None,
                                     {**resource, "id": res_id} if res_id else resource)
-        resource = self._copy(resource)
         for hook in self.store.hooks:
             self.warnings.extend(hook.before_write(self, "create", res_type, None, resource))
         res_id = res_id or str(uuid.uuid4())
@@ -482,12 +552,16 @@ class Session:
                     "If-Match", headers={"ETag": f'W/"{current.version}"'})
             if current.deleted:
                 self.ctx.policy.allow_update_as_create()
+            resource = self._prepared(interaction, resource, current)
             self.ctx.policy.check_write(self, interaction, res_type, current,
                                         {**resource, "id": res_id})
-            resource = self._copy(resource)
             for hook in self.store.hooks:
                 self.warnings.extend(
                     hook.before_write(self, interaction, res_type, current, resource))
+            if not current.deleted and _same_content(current.body, resource):
+                # a re-sent or no-op update: no new version, so no poller sees a change that
+                # is not one (the caller gets the current version back)
+                return current, False
             version = current.version + 1
             body = self._stamp(resource, res_id, version)
             write_version(self.conn, self.store.dialect, current.rid, res_type, version,
@@ -586,10 +660,12 @@ class Session:
                 next_cursor = encode_cursor(last.last_updated, last.rid)
             else:
                 next_offset = q.offset + q.count
-        included = self._includes(q, matches) if q.includes and matches else []
-        return SearchPage(matches, included, total, next_cursor, next_offset)
+        warnings: list[Issue] = []
+        included = self._includes(q, matches, warnings) if q.includes and matches else []
+        return SearchPage(matches, included, total, next_cursor, next_offset, warnings)
 
-    def _includes(self, q: SearchQuery, matches: list[Stored]) -> list[Stored]:
+    def _includes(self, q: SearchQuery, matches: list[Stored],
+                  warnings: list[Issue]) -> list[Stored]:
         seen = {(m.res_type, m.id) for m in matches}
         out: list[Stored] = []
         frontier = matches
@@ -601,7 +677,7 @@ class Session:
             for spec in reverse:
                 if not first and not spec.iterate:
                     continue
-                new += self._reverse(spec, frontier)
+                new += self._reverse(spec, frontier, warnings)
             fresh = []
             for s in new:
                 if (s.res_type, s.id) not in seen:
@@ -651,12 +727,19 @@ class Session:
                           and spec.target_type in (None, t) for spec in specs)}
         return self._fetch(targets)
 
-    def _reverse(self, spec: IncludeSpec, targets: list[Stored]) -> list[Stored]:
+    def _reverse(self, spec: IncludeSpec, targets: list[Stored],
+                 warnings: list[Issue]) -> list[Stored]:
+        """What points at ``targets`` through ``spec``, at most ``REVINCLUDE_CAP`` resources
+        per target type. FHIR has no paging of included resources (they come with the page of
+        matches they belong to), and one Organization may be the owner of a million Tasks: past
+        the cap the set is cut off, and a warning in the searchset's outcome says so (search
+        those resources directly, e.g. ``Task?owner=…``, to page through them all)."""
         ref = INDEX_TABLES[REFERENCE]
         out: list[Stored] = []
         by_type: dict[str, list[str]] = {}
         for t in targets:
-            by_type.setdefault(t.res_type, []).append(t.id)
+            if spec.target_type in (None, t.res_type):
+                by_type.setdefault(t.res_type, []).append(t.id)
         for t, ids in by_type.items():
             stmt = select(resources).where(
                 resources.c.res_type == spec.source_type, resources.c.deleted == false(),
@@ -667,7 +750,18 @@ class Session:
             vis = self._visible(spec.source_type)
             if vis is not None:
                 stmt = stmt.where(vis)
-            out += [Stored.of(r) for r in self.conn.execute(stmt.limit(1000))]
+            rows = [Stored.of(r) for r in self.conn.execute(stmt.limit(REVINCLUDE_CAP + 1))]
+            if len(rows) > REVINCLUDE_CAP:
+                rows = rows[:REVINCLUDE_CAP]
+                name = f"{spec.source_type}:{spec.param}"
+                warnings.append(Issue(
+                    "warning", "too-costly",
+                    f"_revinclude={name} found more than {REVINCLUDE_CAP} {spec.source_type} "
+                    f"resources pointing at the {t} matches of this page; only "
+                    f"{REVINCLUDE_CAP} are included. Search {spec.source_type} by "
+                    f"{spec.param} to page through all of them.",
+                    ["_revinclude:iterate" if spec.iterate else "_revinclude"], "1002"))
+            out += rows
         return out
 
     # -- history ---------------------------------------------------------------------------

@@ -151,6 +151,10 @@ auth_clients = Table(
     Column("created", BigInteger, nullable=False),
     # validation policy of this client's writes ({"Task": "warn"}); NULL = the defaults
     Column("validation", JSON, nullable=True),
+    # base URL of the client's own FHIR server (migration 0008)
+    Column("fhir_base", String(1024), nullable=True),
+    # "external": this platform client is the Coordination Platform app (migration 0008)
+    Column("coordination", String(16), nullable=True),
 )
 
 auth_signing_keys = Table(

@@ -3,13 +3,19 @@
 Semantics (FHIR R4 §3.1.1.x): repeated parameter = AND, comma in a value = OR; modifiers
 ``:missing``, ``:not`` (token), ``:exact`` / ``:contains`` (string), ``:below`` (uri), a type
 modifier on references (``subject:Patient=1``) and one level of chaining
-(``owner:Organization.identifier=sys|val``). Every condition is a semi-join on an index table
+(``owner:Organization.identifier=sys|val``; ``organization.name=x`` without the modifier when
+the parameter can point at one type only). Every condition is a semi-join on an index table
 (``rid IN (SELECT rid FROM sp_x WHERE ...)``), never a scan of JSON bodies.
+
+What parsing lets through but the caller should know (an empty reference ``Type/`` that
+matches nothing) becomes a warning in ``SearchQuery.warnings``, which the searchset carries in
+its ``outcome`` entry.
 """
 
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,12 +34,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql import Select
 
-from gateway.errors import BadRequest, UnknownSearchParameter
+from gateway.errors import BadRequest, Issue, UnknownSearchParameter
 from gateway.fhir.datetimes import parse_range
 from gateway.fhir.extract import normalize_string
 from gateway.fhir.references import ID_RE, parse_reference
 from gateway.fhir.searchparams import (
     DATE,
+    FHIR_TYPES,
     INCLUDES,
     REFERENCE,
     SEARCH_PARAMS,
@@ -42,6 +49,7 @@ from gateway.fhir.searchparams import (
     URI,
     SearchParam,
     param_for,
+    reachable_targets,
 )
 from gateway.store.schema import INDEX_TABLES, resources
 
@@ -51,6 +59,8 @@ CONTROL = {
     "_elements", "_format", "_pretty", "_include:iterate", "_revinclude:iterate",
 }
 PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
+#: a reference naming a type but no id, which some clients send for an empty choice
+_EMPTY_REF = re.compile(r"^([A-Z][A-Za-z]*)/$")
 
 
 @dataclass(slots=True)
@@ -84,6 +94,7 @@ class SearchQuery:
     summary: str | None = None
     elements: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # lenient handling
+    warnings: list[Issue] = field(default_factory=list)  # what matched nothing, and why
     params: list[tuple[str, str]] = field(default_factory=list)  # filter params, for links
 
     @property
@@ -134,11 +145,14 @@ class QueryBuilder:
         #: The caller's access policy (``AccessPolicy.visible``): a chain may only test
         #: resources the caller can see, or it would answer questions about hidden ones.
         self.visible = visible
+        #: warnings of the conditions built so far (``parse`` hands them to the query)
+        self.warnings: list[Issue] = []
 
     # -- parsing entry point -------------------------------------------------------------
     def parse(self, params: list[tuple[str, str]], *, lenient: bool = False,
               default_count: int = 200, max_count: int = 1000) -> SearchQuery:
         q = SearchQuery(self.res_type, count=default_count)
+        q.warnings = self.warnings
         for raw_name, value in params:
             name = raw_name.strip()
             if "\x00" in value:  # PostgreSQL cannot compare text with NUL; no value holds one
@@ -187,9 +201,9 @@ class QueryBuilder:
                 ):
                     raise BadRequest(f"Cannot sort {self.res_type} by {key!r}", "_sort")
                 q.sort.append(SortKey(key, desc))
-        elif name.startswith("_include") or name.startswith("_revinclude"):
+        elif name.startswith(("_include", "_revinclude")):
             reverse = name.startswith("_revinclude")
-            iterate = name.endswith(":iterate") or name.endswith(":recurse")
+            iterate = name.endswith((":iterate", ":recurse"))
             for spec in split_or(value):
                 q.includes.append(self._include(spec, reverse, iterate))
         elif name == "_total":
@@ -212,12 +226,35 @@ class QueryBuilder:
                              "_revinclude" if reverse else "_include")
         src, param = parts[0], parts[1]
         target = parts[2] if len(parts) == 3 else None
+        where = "_revinclude" if reverse else "_include"
         if param not in INCLUDES.get(src, ()):
             raise UnknownSearchParameter(
                 f"Including {src}:{param} is not supported. Supported: "
                 + ", ".join(f"{t}:{p}" for t, ps in sorted(INCLUDES.items()) for p in ps),
-                "_revinclude" if reverse else "_include")
+                where)
+        if target is not None:
+            sp = param_for(src, param)
+            assert sp is not None
+            self._check_target(src, sp, target, f"{where}={spec}", where)
         return IncludeSpec(src, param, target, iterate, reverse)
+
+    def _check_target(self, res_type: str, sp: SearchParam, target: str, what: str,
+                      expression: str) -> None:
+        """400 unless ``target`` is a type ``sp`` may point at (a type modifier, or the target
+        type of an include): a misspelt type used to match nothing, silently."""
+        if not target:
+            raise BadRequest(
+                f"{what} ends with an empty resource type: leave it out or name one of the "
+                f"types {res_type}.{sp.name} may point at ({_targets_text(sp)})", expression)
+        if target not in FHIR_TYPES:
+            raise BadRequest(
+                f"{target!r} in {what} is not a FHIR resource type (check the spelling and "
+                f"the case); {res_type}.{sp.name} may point at: {_targets_text(sp)}",
+                expression)
+        if sp.targets and target not in sp.targets:
+            raise BadRequest(
+                f"{res_type}.{sp.name} cannot point at a {target} ({what}); it may point at: "
+                f"{_targets_text(sp)}", expression)
 
     # -- conditions ----------------------------------------------------------------------
     def condition(self, res_type: str, name: str, value: str,
@@ -269,6 +306,8 @@ class QueryBuilder:
             if modifier and not modifier[0].isupper():
                 raise BadRequest(f"Modifier :{modifier} is not supported on reference {name}",
                                  name)
+            if modifier:
+                self._check_target(res_type, sp, modifier, name, name)
             ors = [self._ref_cond(table, sp, v, modifier or None, name) for v in values]
         elif sp.type == STRING:
             if modifier not in ("", "exact", "contains"):
@@ -322,6 +361,25 @@ class QueryBuilder:
 
     def _ref_cond(self, table, sp: SearchParam, value: str, type_mod: str | None,
                   name: str) -> ColumnElement[bool]:
+        empty = _EMPTY_REF.match(value)
+        if empty:
+            if empty.group(1) not in FHIR_TYPES:
+                raise BadRequest(f"{value!r} in {name} names {empty.group(1)!r}, which is not a "
+                                 "FHIR resource type", name)
+            self.warnings.append(Issue(
+                "warning", "value",
+                f"{name}={value} names a type but no id (an empty reference); it matched "
+                "nothing", [name], "1002"))
+            return false()
+        if sp.canonical and "://" in value:
+            # a canonical URL, with or without |version: each is indexed as written
+            ref = parse_reference(value.partition("|")[0], self.base_url)
+            if ref is not None and ref.url is None:  # on refgw's base: a local reference
+                return and_(table.c.target_type == ref.type, table.c.target_id == ref.id,
+                            table.c.target_url.is_(None))
+            if ref is not None and ref.url is not None and ref.id:
+                return and_(table.c.target_id == ref.id, table.c.target_url == value)
+            return table.c.target_url == value
         if "/" not in value:
             if not ID_RE.match(value):
                 raise BadRequest(f"{value!r} is not a valid id or reference", name)
@@ -336,7 +394,8 @@ class QueryBuilder:
             raise BadRequest(f"{value!r} is not a reference refgw can search by "
                              "(use Type/id, id or an absolute URL)", name)
         if ref.url:
-            return table.c.target_url == ref.url
+            # target_id is indexed with the URL: it keeps the probe on the lookup index
+            return and_(table.c.target_id == ref.id, table.c.target_url == ref.url)
         if type_mod and ref.type != type_mod:
             return false()
         return and_(table.c.target_type == ref.type, table.c.target_id == ref.id,
@@ -382,17 +441,35 @@ class QueryBuilder:
                value: str, rid: ColumnElement) -> ColumnElement[bool]:
         if sp.type != REFERENCE:
             raise BadRequest(f"{sp.name} is not a reference, so it cannot be chained", sp.name)
+        where = f"{sp.name}:{type_mod}.{chain}" if type_mod else f"{sp.name}.{chain}"
+        if type_mod:
+            self._check_target(res_type, sp, type_mod, where, where)
         target = type_mod or (sp.targets[0] if len(sp.targets) == 1 else None)
         if target is None:
+            types = reachable_targets(sp)
+            chained = chain.split(":")[0]
+            example = next((t for t in ("Organization", "Patient", "ServiceRequest", *types)
+                            if t in types and param_for(t, chained) is not None), types[0])
             raise BadRequest(
-                f"Say which type {sp.name} points to, e.g. {sp.name}:Organization.{chain}",
-                f"{sp.name}.{chain}")
+                f"{res_type}.{sp.name} may point at more than one type of resource: say which "
+                f"one, e.g. {sp.name}:{example}.{chain} (one of: {', '.join(types)})", where)
         if target not in SEARCH_PARAMS:
-            raise BadRequest(f"Unknown resource type {target!r}", f"{sp.name}:{target}")
+            raise BadRequest(f"refgw does not store {target} resources, so {where} cannot be "
+                             "searched", where)
+        if sp.canonical:
+            raise BadRequest(f"{res_type}.{sp.name} points by canonical URL, which cannot be "
+                             f"chained; search by the URL ({sp.name}=http://…) instead", where)
         if "." in chain.split(":")[0]:
             raise BadRequest("Only one level of chaining is supported", f"{sp.name}.{chain}")
         inner = resources.alias("chained")
-        inner_cond = self.condition(target, chain, value, rid_col=inner.c.rid)
+        seen = len(self.warnings)
+        try:
+            inner_cond = self.condition(target, chain, value, rid_col=inner.c.rid)
+        except BadRequest as err:  # name the whole parameter, not its chained part
+            raise err.__class__(f"{where}: {err.issues[0].diagnostics}", where) from err
+        for warning in self.warnings[seen:]:
+            warning.diagnostics = f"{where}: {warning.diagnostics}"
+            warning.expression = [where]
         ref = INDEX_TABLES[REFERENCE]
         sub = (
             select(ref.c.rid)
@@ -407,6 +484,12 @@ class QueryBuilder:
             sub = sub.where(inner.c.rid.in_(
                 select(resources.c.rid).where(resources.c.res_type == target, vis)))
         return rid.in_(sub)
+
+
+def _targets_text(sp: SearchParam) -> str:
+    if len(sp.targets) > 12:
+        return "any resource type"
+    return ", ".join(sp.targets)
 
 
 def _absent(table, rid: ColumnElement, *conds: ColumnElement[bool]) -> ColumnElement[bool]:

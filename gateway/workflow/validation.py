@@ -25,6 +25,13 @@ particular, the most particular winning:
    Task can be onboarded without loosening the rules for everyone. A partner adapter (CSV,
    HL7 v2) acts as a client and gets its policy the same way.
 
+What is checked: the profiles the resource claims in ``meta.profile`` that refgw ships (the
+SDOH Clinical Care IG 3.0.0 profiles, ``profiles/``); a claimed profile refgw does not ship is
+not checked, and a warning says so (it never rejects). refgw's own house rules
+(``refgw-ReferralTaskRules``, ``refgw-ReferralServiceRequestRules``) are warnings only, checked
+when a resource claims them or, with ``REFGW_HOUSE_RULES=warn``, for every resource that claims
+the IG profile they build on.
+
 What refgw produces itself (the coordinated filler-order ServiceRequest and downstream Task) is
 validated with the deployment's policy, never a client's, whoever triggered it. When refgw
 mirrors a CBO's status change onto the referrer's source Task, problems of that Task only warn:
