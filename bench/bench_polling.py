@@ -63,6 +63,7 @@ from benchlib import (  # noqa: I001 - bench/ is on sys.path when run as a scrip
     log,
     patient_body,
     pct,
+    rebuild_grants,
     recreate_schema,
     server,
 )
@@ -70,7 +71,7 @@ from benchlib import (  # noqa: I001 - bench/ is on sys.path when run as a scrip
 import httpx  # noqa: E402
 from sqlalchemy import event, make_url, text  # noqa: E402
 
-from gateway.auth.policy import OrgPolicy  # noqa: E402
+from gateway.access.policy import OrgPolicy  # noqa: E402
 from gateway.auth.scopes import parse_scopes  # noqa: E402
 from gateway.fhir.datetimes import format_instant  # noqa: E402
 from gateway.fhir.validate import validate_structure  # noqa: E402
@@ -334,6 +335,9 @@ def load(store: Store, args: argparse.Namespace) -> tuple[Plan, dict[str, Any]]:
         log("building the indexes")
         t0 = time.perf_counter()
     figures["index build s"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    rebuild_grants(store)
+    figures["access grants s"] = round(time.perf_counter() - t0, 1)
     figures["load s"] = round(time.perf_counter() - t_all, 1)
     t0 = time.perf_counter()
     analyze(store)
@@ -371,7 +375,7 @@ class Query:
     includes: bool = False
     #: the auth level's caller is a party to every match (owner or requester), so it sees
     #: every include; a CBO browsing the claim pool sees the Tasks and their ServiceRequests
-    #: but not the Patients (gateway/auth/policy.py)
+    #: but not the Patients (gateway/access)
     party: bool = True
 
 
@@ -584,7 +588,7 @@ class Levels:
         org = inst.caller_org
         ctx = Context(caller=Caller(client_id="bench-cbo", organization=org,
                                     scopes=tuple(CBO_SCOPES.split())),
-                      policy=OrgPolicy(org, self.scopes, per_row=True), base_url=BASE)
+                      policy=OrgPolicy(org, self.scopes), base_url=BASE)
         return self._handle(q, inst, ctx)
 
     def _http(self, q: Query, inst: Instance) -> Answer:

@@ -237,6 +237,18 @@ def bulk_load(store: Store, bodies: Iterator[dict[str, Any]], batch: int) -> int
     return n
 
 
+def rebuild_grants(store: Store) -> None:
+    """Recompute the access grants (``gateway.access.grants``: compartments kept at write
+    time) of what was bulk-loaded behind the repository's back, as ``refgw`` would have
+    written them; nothing to do for a refgw without them."""
+    if not inspect(store.engine).has_table("access_grant"):
+        return
+    from gateway.access.grants import rebuild_all
+
+    with store.engine.begin() as conn:
+        rebuild_all(conn, store.dialect)
+
+
 def analyze(store: Store) -> None:
     """Planner statistics, as autovacuum would have them on PostgreSQL after a load this size.
     (SQLite never gathers statistics unless told to; refgw does not, so neither does this.)"""
@@ -252,22 +264,77 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class RunningServer:
+    """A ``refgw serve`` subprocess: its base URL and process (for its CPU time)."""
+
+    base: str
+    proc: subprocess.Popen[bytes]
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) of the server and its worker processes so far."""
+        return proc_tree_cpu(self.proc.pid)
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def proc_tree_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` and its live descendants, from /proc (Linux; 0.0 elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+        todo += _children(p)
+    return total / tick
+
+
+def load_average() -> str:
+    """The machine's 1/5/15-minute load average, as ``uptime`` prints it."""
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 @contextmanager
-def server(url: str, log_path: Path) -> Iterator[str]:
-    """``python -m gateway serve`` on a free loopback port; yields its base URL."""
+def serve_process(url: str, log_path: Path, *, auth: bool = False, workers: int | None = None,
+                  env: dict[str, str] | None = None) -> Iterator[RunningServer]:
+    """``python -m gateway serve`` on a free loopback port, with the demo network off.
+
+    ``auth=False`` serves without access tokens (``REFGW_AUTH_DISABLED``); ``workers`` sets
+    ``REFGW_WORKERS`` (None: the server's default). Stopped with SIGINT, as Ctrl+C would."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REFGW_")}
-    # Auth off: the bench measures the FHIR store and API, and the Tasks it loads behind the
-    # API's back belong to no organization compartment.
-    env.update(REFGW_DATABASE_URL=url, REFGW_LOAD_DEMO="false", REFGW_AUTH_DISABLED="true",
-               PYTHONUNBUFFERED="1")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("REFGW_")}
+    environ.update(REFGW_DATABASE_URL=url, REFGW_LOAD_DEMO="false",
+                   REFGW_AUTH_DISABLED="false" if auth else "true", PYTHONUNBUFFERED="1")
+    if workers is not None:
+        environ["REFGW_WORKERS"] = str(workers)
+    environ.update(env or {})
+    log_start = log_path.stat().st_size if log_path.exists() else 0
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port",
-             str(port)], cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
+             str(port)], cwd=ROOT, env=environ, stdout=logf, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"the server exited with {proc.returncode}:\n"
@@ -278,16 +345,39 @@ def server(url: str, log_path: Path) -> Iterator[str]:
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("the server did not become ready in 60 s:\n"
+                raise RuntimeError("the server did not become ready in 90 s:\n"
                                    + log_path.read_text(errors="replace")[-3000:])
             time.sleep(0.1)
-        yield base
+        if workers and workers > 1:
+            # every worker started before the clock starts (each imports refgw on its own)
+            wait_for_workers(log_path, log_start, workers, deadline)
+        yield RunningServer(base, proc)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
             try:
-                proc.wait(20)
+                proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
 
+
+def wait_for_workers(log_path: Path, log_start: int, n: int, deadline: float) -> None:
+    """Until the server's log says ``n`` workers finished starting (uvicorn logs "Application
+    startup complete." once per worker)."""
+    while time.monotonic() < deadline:
+        with open(log_path, "rb") as f:
+            f.seek(log_start)
+            if f.read().count(b"Application startup complete") >= n:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"fewer than {n} workers started in time:\n"
+                       + log_path.read_text(errors="replace")[-3000:])
+
+
+@contextmanager
+def server(url: str, log_path: Path, **kwargs: Any) -> Iterator[str]:
+    """``python -m gateway serve`` on a free loopback port; yields its base URL (auth off
+    unless ``auth=True``: see :func:`serve_process`)."""
+    with serve_process(url, log_path, **kwargs) as running:
+        yield running.base

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,6 +25,8 @@ clients_app = typer.Typer(help="Register and manage API clients (SMART Backend S
 app.add_typer(clients_app, name="clients")
 keys_app = typer.Typer(help="refgw's own token-signing keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+audit_app = typer.Typer(help="The audit trail: export and retention.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 
 
 def _version(value: bool) -> None:
@@ -55,11 +58,14 @@ def _safe_url(url: str) -> str:
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="Server processes (REFGW_WORKERS; default: one per CPU on PostgreSQL, "
+                    "1 on SQLite).")] = None,
 ) -> None:
     """Run the gateway (migrates the embedded SQLite database and loads the demo network)."""
     import uvicorn
 
-    from gateway.api.app import create_app
+    from gateway.api.app import create_app, prepare
     from gateway.auth.clients import ClientRegistry
     from gateway.demo import load_demo
     from gateway.demo.clients import ensure_demo_clients
@@ -67,6 +73,9 @@ def serve(
     from gateway.store.repository import Store
 
     settings = Settings()
+    if workers is not None:
+        settings.workers = workers
+    n_workers = settings.effective_workers
     h, p = host or settings.host, port or settings.port
     # before loading anything or printing how to call the server: can it listen at all?
     problem = _cannot_listen(h, p)
@@ -74,6 +83,8 @@ def serve(
         _fail(problem)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # What must happen once happens here, in this process, before any worker starts: the
+    # SQLite migration, the signing key, the demo network, clients, keys and referrals.
     try:
         store = Store(settings.database_url, pool_size=settings.db_pool_size,
                       default_page_size=settings.default_page_size,
@@ -90,13 +101,15 @@ def serve(
             if not settings.auth_disabled:
                 demo_clients = ensure_demo_clients(ClientRegistry(store.engine),
                                                    Path(settings.demo_keys_dir))
+        prepare(settings, store)
     except typer.Exit:
         raise
     except Exception as exc:
         _fail(f"cannot open the database {_safe_url(settings.database_url)}: {exc}")
         return
+    processes = f"{n_workers} worker processes" if n_workers > 1 else "1 process"
     typer.echo(f"refgw {__version__}: FHIR API on http://{h}:{p}  (database "
-               f"{_safe_url(settings.database_url)})", err=True)
+               f"{_safe_url(settings.database_url)}; {processes})", err=True)
     if settings.auth_disabled:
         typer.echo("refgw: WARNING: auth is disabled (REFGW_AUTH_DISABLED=true); every caller "
                    "can read and change everything", err=True)
@@ -110,8 +123,17 @@ def serve(
                    f"--key {key} --scope 'system/Organization.rs system/Task.rs')", err=True)
         typer.echo(f"    curl -H \"Authorization: Bearer $TOKEN\" "
                    f"'http://{h}:{p}/Organization?_count=5'", err=True)
-    uvicorn.run(create_app(settings, store=store), host=h, port=p,
-                log_level=settings.log_level.lower(), access_log=False)
+    options: dict[str, Any] = {"host": h, "port": p, "log_level": settings.log_level.lower(),
+                               "access_log": False, "timeout_graceful_shutdown": 30}
+    if n_workers == 1:
+        uvicorn.run(create_app(settings, store=store, prepared=True), **options)
+        return
+    # Several processes: each worker builds its own app from the environment (a factory by
+    # import path, as uvicorn's workers need), with its own pool, audit writer and caches;
+    # every state they share is in the database. The workers get SIGTERM from uvicorn's
+    # supervisor on Ctrl+C / SIGTERM and shut down gracefully, each flushing its audit trail.
+    store.dispose()
+    uvicorn.run("gateway.api.app:worker_app", factory=True, workers=n_workers, **options)
 
 
 def _cannot_listen(host: str, port: int) -> str | None:
@@ -203,6 +225,18 @@ def db_upgrade() -> None:
                    f"{current_revision(store.engine)}")
     except Exception as exc:
         _fail(f"migration failed: {exc}")
+
+
+@db_app.command("rebuild-grants")
+def db_rebuild_grants() -> None:
+    """Recompute every access grant (who may see what) from the stored resources, e.g. after
+    a change of the access rules or a bulk load behind refgw's back."""
+    from gateway.access.grants import rebuild_all
+
+    store = _store()
+    with store.engine.begin() as conn:
+        rebuild_all(conn, store.dialect)
+    typer.echo("access grants rebuilt")
 
 
 def _store() -> Any:
@@ -327,6 +361,93 @@ def keys_rotate() -> None:
 
     kid = SigningKeys(_store().engine).rotate()
     typer.echo(f"new signing key {kid}")
+
+
+def _instant(value: str | None, option: str) -> int | None:
+    """The first microsecond of a FHIR date, dateTime or instant given to ``option``."""
+    from gateway.fhir.datetimes import parse_range
+
+    if value is None:
+        return None
+    rng = parse_range(value)
+    if rng is None:
+        typer.echo(f"refgw: error: {option} {value!r} is not a date or time: write e.g. "
+                   "2025, 2025-01, 2025-01-31 or 2025-01-31T12:00:00Z", err=True)
+        raise typer.Exit(2)
+    return rng[0]
+
+
+def _audit_cli_event(store: Any, interaction: str, outcome: str = "success") -> None:
+    """What the command did to the audit trail, in the audit trail (client ``refgw-cli``)."""
+    from gateway.auth.audit import AuditWriter
+    from gateway.store.policy import AuditRecord, Caller
+
+    writer = AuditWriter(store, upkeep=False)
+    try:
+        writer.record(AuditRecord(interaction, "AuditEvent", None, outcome,
+                                  Caller(client_id="refgw-cli")))
+    finally:
+        writer.close()
+
+
+@audit_app.command("export")
+def audit_export(
+    since: Annotated[str | None, typer.Option(
+        help="From this date or time on (inclusive), e.g. 2025-01 or 2025-01-31T12:00:00Z. "
+             "Default: the oldest event.")] = None,
+    until: Annotated[str | None, typer.Option(
+        help="Up to this date or time (exclusive: --until 2025-02 stops at the end of "
+             "January). Default: no end.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write to this file (default: stdout).")
+                   ] = None,
+) -> None:
+    """Write AuditEvents as NDJSON: one AuditEvent per line, oldest first.
+
+    To move old events out before `refgw audit purge` removes them."""
+    from gateway.store.audit import export_lines
+
+    since_us, until_us = _instant(since, "--since"), _instant(until, "--until")
+    store = _store()
+    n = 0
+    try:
+        with (open(out, "wb") if out else nullcontext(sys.stdout.buffer)) as sink:
+            for line in export_lines(store.engine, since_us, until_us):
+                sink.write(line)
+                n += 1
+            sink.flush()
+    except OSError as exc:
+        _fail(f"cannot write the export: {exc}")
+    _audit_cli_event(store, "operation")
+    typer.echo(f"refgw: exported {n} audit events" + (f" to {out}" if out else ""), err=True)
+
+
+@audit_app.command("purge")
+def audit_purge() -> None:
+    """Remove AuditEvents older than REFGW_AUDIT_RETENTION_DAYS.
+
+    Default 2190 days (six years); 0 keeps them forever. `refgw serve` does this daily."""
+    from gateway.fhir.datetimes import format_instant
+    from gateway.store.audit import purge
+
+    days = Settings().audit_retention_days
+    store = _store()
+    if days == 0:
+        typer.echo("refgw: REFGW_AUDIT_RETENTION_DAYS=0: the audit trail is kept forever; "
+                   "nothing purged")
+        return
+    try:
+        res = purge(store.engine, days, writer_lock=store._sqlite_writers)
+    except Exception as exc:
+        _fail(f"the purge failed: {exc}")
+        return
+    if res.skipped:
+        typer.echo("refgw: another process is purging the audit trail right now; nothing done")
+        return
+    _audit_cli_event(store, "delete")
+    dropped = f"{len(res.partitions_dropped)} partitions dropped, " \
+        if store.dialect == "postgresql" else ""
+    typer.echo(f"refgw: audit events recorded before {format_instant(res.cutoff or 0)} "
+               f"({days} days ago) removed: {dropped}{res.rows_deleted} events deleted")
 
 
 @app.command()

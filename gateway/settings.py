@@ -6,6 +6,7 @@ nothing reads the environment at import time.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field, field_validator
@@ -36,6 +37,11 @@ class Settings(BaseSettings):
     max_bundle_entries: int = Field(default=1000, ge=1)
     load_demo: bool = Field(default=True, description="Load the demo network on `refgw serve`")
     db_pool_size: int = Field(default=10, ge=1)
+    workers: int | None = Field(
+        default=None, ge=1,
+        description="Server processes of `refgw serve` (each with its own database pool, audit "
+        "writer and caches). Default: the machine's CPUs on PostgreSQL, 1 on SQLite (see "
+        "effective_workers)")
     log_level: str = "info"
 
     # -- auth (SMART Backend Services) ---------------------------------------------------
@@ -78,6 +84,10 @@ class Settings(BaseSettings):
         "rejected referral Task, a resulting activity for a completed one): 'off' checks them "
         "only for resources that claim a refgw house-rule profile in meta.profile; 'warn' "
         "checks them for every resource that claims the IG profile they build on, as warnings")
+    audit_retention_days: int = Field(
+        default=2190, ge=0,
+        description="Days the audit trail keeps an AuditEvent (default six years); 0 keeps "
+        "them forever. `refgw serve` removes older ones daily, as `refgw audit purge` does")
     demo_keys_dir: str = Field(
         default=str(DEFAULT_VAR_DIR / "keys"),
         description="Where `refgw serve` writes the demo clients' generated private keys")
@@ -102,3 +112,18 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    @property
+    def effective_workers(self) -> int:
+        """How many server processes ``refgw serve`` runs: ``workers`` when set; else one per
+        CPU on PostgreSQL, and one on SQLite. SQLite lets one transaction write at a time and
+        refgw does a write's whole work (validation, workflow, indexes) inside it, so more
+        processes add no write throughput there; they would only trade refgw's in-process
+        queue of writers for SQLite's own busy handler, which polls with sleeps of up to
+        100 ms and is unfair (bench/README.md: seconds of tail latency). Several processes on
+        SQLite are safe (``BEGIN IMMEDIATE`` with a 60 s busy timeout serializes them, and
+        stamps are taken inside the write lock), so ``REFGW_WORKERS`` may still ask for them
+        (e.g. for read-heavy use)."""
+        if self.workers is not None:
+            return self.workers
+        return 1 if self.is_sqlite else max(1, os.cpu_count() or 1)

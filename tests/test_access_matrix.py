@@ -1,6 +1,6 @@
 """Per-organization access control, end to end through the API with auth ON (issue 3).
 
-The spec under test is the docstring of ``gateway.auth.policy``: a referral's ServiceRequest and
+The spec under test is the docstring of ``gateway.access``: a referral's ServiceRequest and
 Task are visible to the requester's organization, to the owner's / performer's organization and
 to the platform; what a visible referral points at (Patient, Consent …) is visible to them too;
 nothing else is. Out-of-compartment resources answer 404, missing scopes 403, the Task's owner

@@ -210,6 +210,11 @@ def test_house_rules_on_warn_about_it_and_still_store_it(
     assert [(i[0], i[2], i[4]) for i in issues_of(r.json())] == [
         ("warning", ["Task.output"], HOUSE_RULE_5)]
     assert "1 issue(s)" in r.headers["x-refgw-issues"]
+    # $validate says what a write would: the house rule's warning too
+    r = client.post("/Task/$validate", json=task, headers=h)
+    assert r.status_code == 200, r.text
+    assert [(i["severity"], i.get("expression")) for i in r.json()["issue"]] == [
+        ("warning", ["Task.output"])]
     # a rejected referral without a reason: the IG does not require one, refgw's rules warn
     rejected = example("Task-SDOHCC-TaskReferralManagementOrderFulfillmentAcceptedExample")
     rejected["status"] = "rejected"

@@ -4,7 +4,7 @@ compartments.
 The Gravity referral-source client starts with ``Questionnaire?_sort=title``; the SDOH Clinical
 Care IG's Coordination Platform serves Questionnaires (read, search by url, title, status …)
 and QuestionnaireResponses "referenced by a ServiceRequest or Task". CRUD and search run with
-auth off (the ``client`` fixture); the access rules of ``gateway.auth.policy`` with auth on.
+auth off (the ``client`` fixture); the access rules of ``gateway.access`` with auth on.
 Every test runs on SQLite and on PostgreSQL.
 """
 

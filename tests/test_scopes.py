@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.auth.clients import ClientError, ClientRegistry
-from gateway.auth.policy import OrgPolicy
+from gateway.access.policy import OrgPolicy
 from gateway.auth.scopes import (
     LETTERS,
     Scope,

@@ -10,10 +10,11 @@ import logging
 from pathlib import Path
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from sqlalchemy import text
 from fastapi.responses import RedirectResponse
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
@@ -51,6 +52,36 @@ log = logging.getLogger("refgw.api")
 FHIR_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
 
 
+class AccessLog:
+    """The access log: method, path, status and time of every HTTP request; never the query
+    string, which can carry names and birth dates (PHI). Plain ASGI: Starlette's
+    ``@app.middleware("http")`` (``BaseHTTPMiddleware``) runs every request through a task
+    group and memory streams of its own, a measurable share of the server's time
+    (bench/README.md)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # what the client gets if the app fails before it answers
+
+        async def send_and_note(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            log.info("%s %s %d %.1fms", scope["method"], scope["path"], status,
+                     (time.perf_counter() - start) * 1000)
+
+
 def _base_url(settings: Settings, request: Request) -> str:
     if settings.base_url:
         return settings.base_url.rstrip("/")
@@ -70,6 +101,30 @@ async def _read_body(request: Request, limit: int) -> bytes:
                                   "server accepts")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _request_body(method: str, path: str, params: list[tuple[str, str]], ctype: str | None,
+                  body_bytes: bytes) -> tuple[list[tuple[str, str]], Any]:
+    """The request's parameters and parsed body: a ``POST _search`` form joins the
+    parameters, a PATCH is a JSON Patch, a POST or PUT a resource (JSON or XML)."""
+    if method == "POST" and path.endswith("/_search"):
+        if body_bytes:
+            if formats.media_type(ctype) != formats.FORM:
+                raise UnsupportedMediaType(
+                    "POST _search takes application/x-www-form-urlencoded", "Content-Type")
+            params = params + parse_qsl(body_bytes.decode("utf-8", "replace"),
+                                        keep_blank_values=True)
+        return params, None
+    if method == "PATCH":
+        mt = formats.media_type(ctype)
+        if mt not in (formats.JSON_PATCH, "application/json", ""):
+            raise UnsupportedMediaType(
+                f"PATCH takes a JSON Patch (application/json-patch+json), not {mt!r}",
+                "Content-Type")
+        return params, formats.parse_json(body_bytes)
+    if method in ("POST", "PUT"):
+        return params, formats.parse_body(body_bytes, formats.body_format(ctype, body_bytes))
+    return params, None
 
 
 def _render(resp_body: dict[str, Any] | None, fmt: str, pretty: bool) -> bytes:
@@ -118,8 +173,70 @@ def _load_demo(service: FhirService, store: Store, settings: Settings,
         return 0
 
 
-def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
-    """The refgw HTTP application. Pass ``store`` to share one with the caller (tests, CLI)."""
+def _workflow_hooks(settings: Settings, profiles: ProfileRegistry) -> list[Any]:
+    """The write hooks ``settings`` asks for (the referral workflow, or none)."""
+    if not settings.workflow_enabled:
+        return []
+    return [ReferralWorkflow(
+        profiles, Router(Path(settings.routing_rules) if settings.routing_rules else None),
+        settings.platform_organization, parse_policy(settings.validation),
+        coordination=settings.coordination, house_rules=settings.house_rules)]
+
+
+def _service(settings: Settings, store: Store, profiles: ProfileRegistry) -> FhirService:
+    store.hooks = _workflow_hooks(settings, profiles)  # a store may be shared: set, never append
+    return FhirService(store, max_bundle_entries=settings.max_bundle_entries,
+                       auth_disabled=settings.auth_disabled, profiles=profiles,
+                       validation_policy=parse_policy(settings.validation),
+                       house_rules=settings.house_rules)
+
+
+#: the advisory lock key of :func:`prepare` (an arbitrary constant: "refgw-prepare")
+_PREPARE_LOCK = 0x7265666777707270
+
+
+def prepare(settings: Settings, store: Store) -> None:
+    """What must happen once per deployment start, before any server process serves: the
+    first token-signing key, and the demo referrals (through the service and the workflow,
+    audited). ``refgw serve`` runs it in its parent process before it starts the workers,
+    which then skip it (``create_app(..., prepared=True)``): one process creates the key and
+    the demo data, not N racing ones. Each step is idempotent (a key is created only when
+    there is none; demo referrals only when missing), and on PostgreSQL the whole runs under
+    a session advisory lock, so that servers started at once on several machines against one
+    database do it one after the other."""
+    with ExitStack() as stack:
+        if store.dialect == "postgresql":
+            conn = stack.enter_context(store.engine.connect())
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PREPARE_LOCK})
+            stack.callback(conn.execute, text("SELECT pg_advisory_unlock(:k)"),
+                           {"k": _PREPARE_LOCK})
+        SigningKeys(store.engine).ensure()
+        if settings.load_demo and settings.workflow_enabled:
+            profiles = ProfileRegistry.load()
+            service = _service(settings, store, profiles)
+            audit = AuditWriter(store, upkeep=False)  # the workers' writers keep the trail
+            try:
+                n = _load_demo(service, store, settings, audit)
+            finally:
+                audit.close()
+            if n:
+                log.info("loaded %d demo referrals", n)
+
+
+def worker_app() -> FastAPI:
+    """The app of one ``refgw serve`` worker process (a uvicorn app factory: each worker
+    builds its own from the environment, with its own database pool, audit writer and
+    caches). ``refgw serve`` has done :func:`prepare` before starting the workers."""
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level.upper(),  # [pid]: which worker it was
+                        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+    return create_app(settings, prepared=True)
+
+
+def create_app(settings: Settings | None = None, store: Store | None = None, *,
+               prepared: bool = False) -> FastAPI:
+    """The refgw HTTP application. Pass ``store`` to share one with the caller (tests, CLI);
+    ``prepared=True`` when :func:`prepare` has run already (``refgw serve``)."""
     settings = settings or Settings()
     own_store = store is None
 
@@ -132,25 +249,16 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                           max_page_size=settings.max_page_size)
         app.state.store = store
         profiles = ProfileRegistry.load()
-        app.state.service = FhirService(store, max_bundle_entries=settings.max_bundle_entries,
-                                        auth_disabled=settings.auth_disabled, profiles=profiles,
-                                        validation_policy=parse_policy(settings.validation))
+        app.state.service = _service(settings, store, profiles)
         keys = SigningKeys(store.engine)
-        await run_in_threadpool(keys.ensure)
+        await run_in_threadpool(keys.ensure)  # after prepare(): loads the keys it made
         external = None
         if settings.external_issuer and settings.external_jwks_url:
             external = ExternalIdP(settings.external_issuer, settings.external_jwks_url,
                                    settings.external_org_claim, settings.external_audience)
         app.state.auth = AuthServer(keys, ClientRegistry(store.engine), external=external)
-        app.state.audit = AuditWriter(store)
-        store.hooks = []  # a store may be shared (tests): set, never append
-        if settings.workflow_enabled:
-            store.hooks = [ReferralWorkflow(
-                profiles, Router(Path(settings.routing_rules)
-                                               if settings.routing_rules else None),
-                settings.platform_organization, parse_policy(settings.validation),
-                coordination=settings.coordination, house_rules=settings.house_rules)]
-        if settings.load_demo and settings.workflow_enabled:
+        app.state.audit = AuditWriter(store, retention_days=settings.audit_retention_days)
+        if settings.load_demo and settings.workflow_enabled and not prepared:
             # the demo referrals go through the service and the workflow set up above
             n = await run_in_threadpool(_load_demo, app.state.service, store, settings,
                                         app.state.audit)
@@ -160,7 +268,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             log.warning("AUTH IS DISABLED (REFGW_AUTH_DISABLED=true): every caller can read "
                         "and change every resource. Never run this with real data.")
         yield
-        await run_in_threadpool(app.state.audit.close)
+        await run_in_threadpool(app.state.audit.close)  # this process's events, flushed
         if own_store:
             store.dispose()
 
@@ -174,14 +282,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                               "Services).")
     app.state.settings = settings
 
-    @app.middleware("http")
-    async def access_log(request: Request, call_next: Any) -> Response:
-        # Method, path and status only: query strings can carry names and birth dates (PHI).
-        start = time.perf_counter()
-        response = await call_next(request)
-        log.info("%s %s %d %.1fms", request.method, request.url.path, response.status_code,
-                 (time.perf_counter() - start) * 1000)
-        return response
+    app.add_middleware(AccessLog)
 
     async def fhir_endpoint(request: Request) -> Response:
         """FHIR RESTful interaction (read, search, create, update, patch, delete, history,
@@ -203,37 +304,27 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         try:
             path = request.url.path[len(request.scope.get("root_path", "")):]
             base = _base_url(settings, request)
+            ctx: Context | None = None
             if path.strip("/") == "metadata":
                 ctx = Context(base_url=base)  # the CapabilityStatement is public
-            else:  # authenticate before reading or parsing any body
-                ctx = await run_in_threadpool(request_context, request, base)
             body_bytes = b""
             if request.method in ("POST", "PUT", "PATCH"):
+                if ctx is None:  # authenticate before reading or parsing any body
+                    ctx = await run_in_threadpool(request_context, request, base)
                 body_bytes = await _read_body(request, settings.max_body_bytes)
-            body: Any = None
-            ctype = request.headers.get("content-type")
-            if request.method == "POST" and path.endswith("/_search"):
-                if body_bytes:
-                    if formats.media_type(ctype) != formats.FORM:
-                        raise UnsupportedMediaType(
-                            "POST _search takes application/x-www-form-urlencoded",
-                            "Content-Type")
-                    params += parse_qsl(body_bytes.decode("utf-8", "replace"),
-                                        keep_blank_values=True)
-            elif request.method == "PATCH":
-                mt = formats.media_type(ctype)
-                if mt not in (formats.JSON_PATCH, "application/json", ""):
-                    raise UnsupportedMediaType(
-                        f"PATCH takes a JSON Patch (application/json-patch+json), not {mt!r}",
-                        "Content-Type")
-                body = formats.parse_json(body_bytes)
-            elif request.method in ("POST", "PUT"):
-                body = formats.parse_body(body_bytes,
-                                          formats.body_format(ctype, body_bytes))
             headers = {k.lower(): v for k, v in request.headers.items()}
-            req = FhirRequest(request.method, path, params, headers, body)
             service: FhirService = request.app.state.service
-            resp: FhirResponse = await run_in_threadpool(service.handle, req, ctx)
+
+            def work() -> FhirResponse:
+                # one hop to the thread pool for the rest of the request (a request without
+                # a body is authenticated here): each hop costs a wake-up of the event loop
+                # and of a worker thread
+                c = ctx if ctx is not None else request_context(request, base)
+                q, body = _request_body(request.method, path, params, headers.get(
+                    "content-type"), body_bytes)
+                return service.handle(FhirRequest(request.method, path, q, headers, body), c)
+
+            resp: FhirResponse = await run_in_threadpool(work)
         except GatewayError as err:
             return _error_response(err, fmt, pretty)
         content = b"" if request.method == "HEAD" else _render(resp.body, fmt, pretty)

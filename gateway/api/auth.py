@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from gateway.auth.audit import AuditWriter
-from gateway.auth.policy import OrgPolicy
+from gateway.access.policy import OrgPolicy
 from gateway.auth.server import AuthServer, BearerError, OAuthError
 from gateway.auth.server import _unverified as unverified_jwt
 from gateway.errors import Issue, Unauthorized
@@ -98,11 +98,12 @@ def install_auth_routes(app: FastAPI, base_url: Any) -> None:
             claimed = claimed_client(form)
             body, client = await run_in_threadpool(auth.token, form, token_url(base), base)
         except OAuthError as err:
-            audit.record(AuditRecord("token", None, None, "denied",
-                                     Caller(client_id=claimed)))
+            # stored before the answer (gateway.auth.audit): off the event loop
+            await run_in_threadpool(audit.record, AuditRecord(
+                "token", None, None, "denied", Caller(client_id=claimed)))
             return _json(err.body(), err.status)
-        audit.record(AuditRecord("token", None, None, "success",
-                                 Caller(client.client_id, client.organization)))
+        await run_in_threadpool(audit.record, AuditRecord(
+            "token", None, None, "success", Caller(client.client_id, client.organization)))
         return _json(body)
 
 
@@ -141,6 +142,5 @@ def request_context(request: Request, base: str) -> Context:
     caller = Caller(info.client_id, info.organization, tuple(str(s) for s in info.scopes),
                     info.validation, info.fhir_base)
     return Context(caller=caller, policy=OrgPolicy(info.organization, info.scopes,
-                                                   info.platform,
-                                                   per_row=state.store.dialect == "postgresql"),
+                                                   info.platform),
                    audit=audit, base_url=base)

@@ -70,8 +70,8 @@ def _check_jwks(jwks: Any) -> dict[str, Any]:
 def _check_scope(scope: str) -> None:
     """Malformed scopes, and scope queries that are not valid searches, are refused."""
     from gateway.errors import GatewayError
+    from gateway.fhir.query import SearchParser
     from gateway.fhir.searchparams import SEARCH_PARAMS
-    from gateway.store.search import QueryBuilder
 
     try:
         scopes = parse_scopes(scope)
@@ -85,10 +85,10 @@ def _check_scope(scope: str) -> None:
         if s.query:
             if s.resource_type == "*":
                 raise ClientError(f"{s}: a query needs a resource type")
-            qb = QueryBuilder(s.resource_type)
+            parser = SearchParser(s.resource_type)  # the syntax alone: no SQL is built
             for k, v in s.query:
                 try:
-                    qb.condition(s.resource_type, k, v)
+                    parser.criterion(s.resource_type, k, v)
                 except GatewayError as exc:
                     raise ClientError(f"{s}: {exc}") from exc
 

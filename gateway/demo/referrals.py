@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from gateway.auth.policy import OrgPolicy
+from gateway.access.policy import OrgPolicy
 from gateway.auth.scopes import parse_scopes
 from gateway.errors import GatewayError
 from gateway.service.rest import FhirRequest, FhirResponse, FhirService

@@ -79,6 +79,7 @@ __all__ = ["DEFAULT_PROFILES_DIR", "ProfileLoadError", "ProfileRegistry"]
 DEFAULT_PROFILES_DIR = data_dir("profiles")
 
 CORE_SD = "http://hl7.org/fhir/StructureDefinition/"
+REFGW_SD = "https://refgw.org/fhir/StructureDefinition/"
 
 #: Resource types a profiles folder may hold (served as they are; only the first three are read).
 CONFORMANCE_TYPES = frozenset({
@@ -775,6 +776,12 @@ class ProfileRegistry:
         wanted = {_strip_version(u) for u in urls if isinstance(u, str)}
         return [p.url for p in self._compiled.values()
                 if p.base in wanted and p.url not in wanted]
+
+    def house_rules(self, urls: Iterable[str]) -> list[str]:
+        """refgw's own profiles (``https://refgw.org/fhir/StructureDefinition/``) that build on
+        one of ``urls``: the house rules a deployment with ``REFGW_HOUSE_RULES=warn`` checks
+        on whatever claims those IG profiles."""
+        return [u for u in self.based_on(urls) if u.startswith(REFGW_SD)]
 
     def validate(self, resource: dict[str, Any], profile_url: str | None = None, *,
                  extra: Iterable[str] = ()) -> list[Issue]:

@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from gateway import __version__
+from gateway.access.rules import READ_ONLY_TYPES  # no client writes them (refgw does)
 from gateway.fhir.searchparams import COMMON, INCLUDES, SEARCH_PARAMS
 
 INTERACTIONS = ["read", "vread", "update", "patch", "delete", "history-instance",
                 "history-type", "create", "search-type"]
 READ_ONLY_INTERACTIONS = ["read", "vread", "history-instance", "history-type", "search-type"]
-#: types no client writes through the API (refgw writes them itself)
-READ_ONLY_TYPES = {"AuditEvent"}
 #: refgw's own conformance resources, shipped in profiles/ and served read-only (searchable
 #: by url and _id) by ``FhirService.conformance``; must equal ``rest.CONFORMANCE_TYPES``
 CONFORMANCE_TYPES = ("CodeSystem", "StructureDefinition", "ValueSet")
@@ -59,9 +58,13 @@ def capability_statement(base_url: str, software_date: str, *,
     given (a profile registry is loaded), refgw's own conformance resources are listed too."""
     resources_ = []
     for rtype in sorted(SEARCH_PARAMS):
+        # the audit trail's own search (gateway.store.audit_search) has no _profile, _tag or
+        # _security: refgw's AuditEvents carry none
+        common = [p for p in COMMON.values()
+                  if rtype != "AuditEvent" or p.name in ("_id", "_lastUpdated")]
         params = [
             {"name": p.name, "type": p.type, **({"documentation": p.doc} if p.doc else {})}
-            for p in list(COMMON.values()) + list(SEARCH_PARAMS[rtype].values())
+            for p in common + list(SEARCH_PARAMS[rtype].values())
         ]
         read_only = rtype in READ_ONLY_TYPES
         entry: dict[str, Any] = {

@@ -35,6 +35,7 @@ from gateway.fhir.searchparams import SEARCH_PARAMS
 from gateway.fhir.validate import clean_references, drop_nulls, validate_structure
 from gateway.fhir.profiles import ProfileRegistry
 from gateway.service.capability import READ_ONLY_TYPES, capability_statement
+from gateway.store import audit_search
 from gateway.store.policy import Context
 from gateway.store.repository import SearchPage, Session, Store, Stored, normalize_criteria
 from gateway.workflow.validation import mode_for
@@ -98,8 +99,11 @@ class FhirService:
 
     def __init__(self, store: Store, *, max_bundle_entries: int = 1000,
                  auth_disabled: bool = False, profiles: ProfileRegistry | None = None,
-                 validation_policy: dict[str, str] | None = None) -> None:
+                 validation_policy: dict[str, str] | None = None,
+                 house_rules: str = "off") -> None:
         self.store = store
+        #: REFGW_HOUSE_RULES: $validate checks what a write would (gateway.workflow)
+        self.house_rules = house_rules
         #: the deployment's validation policy (REFGW_VALIDATION): how lenient to be with a
         #: malformed body, together with the caller's own policy
         self.validation_policy = dict(validation_policy or {})
@@ -163,8 +167,12 @@ class FhirService:
         except Unprocessable as err:
             issues += err.issues
         if self.profiles is not None:
+            meta = resource.get("meta")
+            claimed = meta.get("profile") if isinstance(meta, dict) else None
+            house = self.profiles.house_rules([profile] if profile else claimed or []) \
+                if self.house_rules == "warn" else []
             try:
-                issues += self.profiles.validate(resource, profile)
+                issues += self.profiles.validate(resource, profile, extra=house)
             except KeyError as exc:
                 raise BadRequest(f"Unknown profile {profile!r}", "profile") from exc
         return FhirResponse(200, outcome(issues))
@@ -215,6 +223,8 @@ class FhirService:
             raise MethodNotAllowed(f"The audit trail is append-only: refgw writes every "
                                    f"{rtype} itself, and no client may create, change or "
                                    f"delete one ({m} refused)", rtype)
+        if rtype == "AuditEvent":  # its own table and search (gateway.store.audit)
+            return self.audit_trail(s, req, parts)
         if len(parts) == 1:
             if m in READ_METHODS:
                 return self.search(s, req, rtype)
@@ -283,7 +293,10 @@ class FhirService:
 
     # -- instance interactions -------------------------------------------------------------
     def read(self, s: Session, req: FhirRequest, rtype: str, rid: str) -> FhirResponse:
-        stored = s.read(rtype, rid)
+        return self._read_response(s.read(rtype, rid), req, s.ctx)
+
+    def _read_response(self, stored: Stored, req: FhirRequest, ctx: Context) -> FhirResponse:
+        """A read's answer: 304 for a conditional read that matches, else the resource."""
         inm = req.header("if-none-match")
         if inm and parse_if_match(inm, "If-None-Match") == stored.version:
             return FhirResponse(304, None, {"ETag": f'W/"{stored.version}"'})
@@ -296,7 +309,7 @@ class FhirService:
                                  "If-Modified-Since") from exc
             if stored.last_updated // 1_000_000 <= since // 1_000_000:
                 return FhirResponse(304, None, {"ETag": f'W/"{stored.version}"'})
-        return self._resource_response(200, stored, req, s.ctx)
+        return self._resource_response(200, stored, req, ctx)
 
     def _prepare(self, req: FhirRequest, rtype: str, rid: str | None,
                  ctx: Context, *, structure: bool = True) -> tuple[dict, list[Issue]]:
@@ -339,10 +352,11 @@ class FhirService:
         return resource, warnings
 
     def create(self, s: Session, req: FhirRequest, rtype: str, *,
-               res_id: str | None = None) -> FhirResponse:
+               res_id: str | None = None, resend_checked: bool = False) -> FhirResponse:
         resource, warnings = self._prepare(req, rtype, None, s.ctx)
         stored, created = s.create(resource, res_id=res_id,
-                                   if_none_exist=req.header("if-none-exist"))
+                                   if_none_exist=req.header("if-none-exist"),
+                                   resend_checked=resend_checked)
         return self._resource_response(201 if created else 200, stored, req, s.ctx,
                                        location=True, issues=warnings + s.drain_warnings())
 
@@ -470,6 +484,35 @@ class FhirService:
             bundle["entry"] = entries
         return bundle
 
+    # -- the audit trail -------------------------------------------------------------------
+    def audit_trail(self, s: Session, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        """AuditEvent search, read, vread and history, from the audit trail's own table
+        (``gateway.store.audit``; the search: ``gateway.store.audit_search``)."""
+        if len(parts) == 1 or (parts[1:] == ["_search"] and req.method == "POST"):
+            q = audit_search.parse(req.params, lenient=req.prefer("handling") == "lenient",
+                                   base_url=s.ctx.base_url,
+                                   default_count=self.store.default_page_size,
+                                   max_count=self.store.max_page_size)
+            page = s.search_audit(q)
+            return FhirResponse(200, self._searchset(s.ctx, "AuditEvent", req, q, page))
+        if parts[1:] == ["_history"]:
+            return self.history(s, req, "AuditEvent", None)
+        if parts[1] in ("_history", "_search"):
+            raise MethodNotAllowed(f"{req.method} /{'/'.join(parts)} is not a FHIR "
+                                   "interaction refgw offers", "AuditEvent")
+        _check_id(parts[1])
+        if len(parts) == 2:
+            return self._read_response(s.read_audit(parts[1]), req, s.ctx)
+        if len(parts) == 3 and parts[2] == "_history":
+            return self.history(s, req, "AuditEvent", parts[1])
+        if len(parts) == 4 and parts[2] == "_history":
+            if not parts[3].isdigit():
+                raise NotFound(f"{parts[3]!r} is not a version of AuditEvent/{parts[1]}")
+            stored = s.read_audit(parts[1], int(parts[3]))
+            return self._resource_response(200, stored, req, s.ctx)
+        raise MethodNotAllowed(f"{req.method} /{'/'.join(parts)} is not a FHIR interaction "
+                               "refgw offers")
+
     # -- history ---------------------------------------------------------------------------
     def history(self, s: Session, req: FhirRequest, rtype: str | None,
                 rid: str | None) -> FhirResponse:
@@ -490,7 +533,10 @@ class FhirService:
                 since = rng[0]
             elif k not in ("_format", "_pretty"):
                 raise BadRequest(f"History does not support the parameter {k!r}", k)
-        versions, more = s.history(rtype, rid, count=count, since=since, offset=offset)
+        if rtype == "AuditEvent":  # not versioned resources: the audit trail's own table
+            versions, more = s.audit_history(rid, count=count, since=since, offset=offset)
+        else:
+            versions, more = s.history(rtype, rid, count=count, since=since, offset=offset)
         base = (s.ctx.base_url or "").rstrip("/")
         path = "/".join(x for x in (rtype, rid, "_history") if x)
         entries = []
@@ -642,7 +688,7 @@ class FhirService:
                                            issues=entry.issues)
         req = FhirRequest("POST", rtype, [], {k: v for k, v in entry.req.headers.items()
                                               if k != "if-none-exist"}, entry.req.body)
-        return self.create(s, req, rtype, res_id=rid)
+        return self.create(s, req, rtype, res_id=rid, resend_checked=True)
 
     def _assign_ids(self, s: Session, parsed: list[_Entry]) -> dict[str, str]:
         """Give every POST entry its id up front (or its match for If-None-Exist) and map each

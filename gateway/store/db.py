@@ -8,6 +8,7 @@ write is on disk; write transactions start with ``BEGIN IMMEDIATE`` so that chec
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,10 +67,7 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
         # range (a polling cursor far back, owner:missing) the planner picks a parallel plan
         # whose workers take longer to start than the whole serial query (bench_polling.py:
         # 15-70 ms of start-up for 5-20 ms of work at 1M Tasks on 2 CPUs).
-        given = u.query.get("options") or ()
-        options = " ".join([*([given] if isinstance(given, str) else given),
-                            "-c plan_cache_mode=force_custom_plan",
-                            "-c max_parallel_workers_per_gather=0"])
+        options = _pg_options(u)
         return create_engine(
             u.difference_update_query(["options"]),
             json_serializer=_json_dumps,
@@ -81,6 +79,33 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
             connect_args={"options": options},
         )
     raise ValueError(f"unsupported database {u.get_backend_name()!r}: use sqlite or postgresql")
+
+
+def _pg_options(u: Any, *extra: str) -> str:
+    """The ``options`` (server settings) of refgw's PostgreSQL connections: those the URL
+    gives, then refgw's (see :func:`make_engine`), then ``extra``."""
+    given = u.query.get("options") or ()
+    return " ".join([*([given] if isinstance(given, str) else given),
+                     "-c plan_cache_mode=force_custom_plan",
+                     "-c max_parallel_workers_per_gather=0", *extra])
+
+
+def side_connector(url: str) -> Callable[[], Any]:
+    """A factory of PostgreSQL connections to ``url`` outside any pool, for the registration
+    of write transactions in flight (``gateway.store.inflight``, which says why this is
+    safe): autocommit, ``synchronous_commit=off``, otherwise as :func:`make_engine`'s."""
+    import psycopg
+    from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+
+    u = make_url(url)
+    _cargs, params = PGDialect_psycopg().create_connect_args(
+        u.difference_update_query(["options"]))
+    params["options"] = _pg_options(u, "-c synchronous_commit=off")
+
+    def connect() -> Any:
+        return psycopg.connect(autocommit=True, **params)
+
+    return connect
 
 
 def dialect_of(engine: Engine) -> Dialect:

@@ -3,17 +3,18 @@
 The repository (``gateway.store.repository.Session``) is the security boundary: every read,
 search, include, history and write passes through an :class:`AccessPolicy` and is reported to an
 :class:`AuditSink`. Handlers never check permissions. :class:`AllowAll` serves refgw's own work
-(and ``REFGW_AUTH_DISABLED``); ``gateway.auth.policy.OrgPolicy`` is the per-organization policy
+(and ``REFGW_AUTH_DISABLED``); ``gateway.access.policy.OrgPolicy`` is the per-organization policy
 built from each request's access token, and ``gateway.auth.audit.AuditWriter`` the sink that
 stores AuditEvents.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import ColumnElement, Table
+from sqlalchemy import ColumnElement, Connection, Table
 
 if TYPE_CHECKING:
     from gateway.store.repository import Session, Stored
@@ -34,6 +35,9 @@ class Caller:
 
 
 class AccessPolicy(Protocol):
+    #: no limit but the caller's scopes (refgw's own work, a platform client)
+    unrestricted: bool
+
     def authorize(self, interaction: str, res_type: str | None) -> None:
         """Raise ``Forbidden`` when the caller's scopes do not allow this interaction."""
 
@@ -49,7 +53,17 @@ class AccessPolicy(Protocol):
 
 
 class AuditSink(Protocol):
-    def record(self, event: AuditRecord) -> None: ...
+    """Where the repository reports what each transaction did (``gateway.auth.audit``)."""
+
+    def record(self, event: AuditRecord) -> None:
+        """Store ``event``; return only once it is stored (durably)."""
+
+    def record_many(self, events: Sequence[AuditRecord]) -> None:
+        """Store ``events``; return only once they are stored (durably)."""
+
+    def record_in(self, conn: Connection, events: Sequence[AuditRecord]) -> bool:
+        """Store ``events`` in the open write transaction ``conn``, so that they commit or roll
+        back with it; False when this sink cannot (``record_many`` after the transaction)."""
 
 
 @dataclass(slots=True)
@@ -66,6 +80,8 @@ class AuditRecord:
 
 class AllowAll:
     """No restriction: refgw's own internal work, and ``REFGW_AUTH_DISABLED=true``."""
+
+    unrestricted = True
 
     def authorize(self, interaction: str, res_type: str | None) -> None:
         return None
@@ -84,6 +100,12 @@ class AllowAll:
 class NullAudit:
     def record(self, event: AuditRecord) -> None:
         return None
+
+    def record_many(self, events: Sequence[AuditRecord]) -> None:
+        return None
+
+    def record_in(self, conn: Connection, events: Sequence[AuditRecord]) -> bool:
+        return True
 
 
 @dataclass(slots=True)

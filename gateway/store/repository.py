@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
@@ -30,10 +30,8 @@ from sqlalchemy import (
     and_,
     any_,
     bindparam,
-    delete,
     false,
     func,
-    insert,
     or_,
     select,
     text,
@@ -41,6 +39,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 
+from gateway.access import grants
 from gateway.errors import (
     BadRequest,
     Forbidden,
@@ -54,7 +53,11 @@ from gateway.errors import (
 from gateway.fhir.datetimes import format_instant
 from gateway.fhir.extract import extract
 from gateway.fhir.searchparams import REFERENCE, RESOURCE_TYPES
-from gateway.store.db import Dialect, dialect_of, make_engine
+from gateway.store import audit as audit_store
+from gateway.store import audit_search
+from gateway.store.audit_search import AuditQuery
+from gateway.store.db import Dialect, dialect_of, make_engine, side_connector
+from gateway.store.inflight import InflightWrites
 from gateway.store.policy import AuditRecord, Context
 from gateway.store.schema import INDEX_TABLES, resource_history, resources, write_inflight
 from gateway.store.search import (
@@ -88,6 +91,12 @@ class Stored:
                    getattr(r, "author_org", None))
 
 
+def _audit_stored(row: audit_store.AuditRow) -> Stored:
+    """An audit event as a stored resource (version 1, never changed; no rid: not a row of
+    ``resources``)."""
+    return Stored(0, "AuditEvent", row.id, 1, row.recorded, False, row.body)
+
+
 @dataclass(slots=True)
 class _AuditTarget:
     res_id: str | None
@@ -117,11 +126,67 @@ class _Clock:
             return self._last
 
 
+class WriterQueue:
+    """This process's SQLite writers, one at a time (reentrant, as a ``threading.RLock``).
+
+    A batch of audit events (``first()``, ``gateway.auth.audit``) goes before the write
+    transactions waiting, after the one running: it holds the database ~1 ms, and every read
+    answered meanwhile waits for it; but it never goes twice in a row while a write
+    transaction waits, so a stream of reads cannot starve the writes."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: int | None = None
+        self._depth = 0
+        self._waiting = {True: 0, False: 0}  # waiters by kind (True: an audit batch)
+        self._last_first = False  # the last holder was an audit batch
+
+    def _free_for(self, first: bool) -> bool:
+        if self._owner is not None:
+            return False
+        if first:
+            return not (self._last_first and self._waiting[False])
+        return not self._waiting[True] or self._last_first
+
+    def acquire(self, first: bool = False) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return
+            self._waiting[first] += 1
+            try:
+                while not self._free_for(first):
+                    self._cond.wait()
+            finally:
+                self._waiting[first] -= 1
+            self._owner, self._depth, self._last_first = me, 1, first
+
+    def release(self) -> None:
+        with self._cond:
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cond.notify_all()
+
+    def __enter__(self) -> WriterQueue:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    @contextmanager
+    def first(self) -> Iterator[None]:
+        self.acquire(first=True)
+        try:
+            yield
+        finally:
+            self.release()
+
+
 #: most resources a ``_revinclude`` adds per target type and page (see ``Session._reverse``)
 REVINCLUDE_CAP = 1000
-
-#: a registered write older than this is taken as dead (a crashed process)
-INFLIGHT_TTL_US = 120 * 1_000_000
 
 
 def _one_of(dialect: Dialect, col: Any, values: list[Any]) -> Any:
@@ -206,11 +271,18 @@ class Store:
         # SQLite writers of this process queue here before BEGIN IMMEDIATE: SQLite's busy
         # handler polls with sleeps of up to 100 ms and is unfair, so under concurrent writes
         # some requests waited seconds (bench/: p99 2.4 s at 8 clients; 0.17 s with the lock).
-        self._sqlite_writers = threading.RLock()
+        # (an audit batch goes first: WriterQueue)
+        self._sqlite_writers = WriterQueue()
+        #: write transactions in flight (PostgreSQL; ``gateway.store.inflight``)
+        self._inflight_writes = InflightWrites(side_connector(url), self.clock.now,
+                                               keep=pool_size) \
+            if self.dialect == "postgresql" else None
         #: write hooks run inside every write's transaction (the referral workflow)
         self.hooks: list[WriteHook] = []
 
     def dispose(self) -> None:
+        if self._inflight_writes is not None:
+            self._inflight_writes.close()
         self.engine.dispose()
 
     def ping(self) -> bool:
@@ -222,34 +294,34 @@ class Store:
     def session(self, ctx: Context | None = None, *, write: bool = False) -> Iterator[Session]:
         """One database transaction. Commits on normal exit, rolls back on any exception."""
         queue = self._sqlite_writers if write and self.dialect == "sqlite" else nullcontext()
-        inflight = self._inflight() if write and self.dialect == "postgresql" else nullcontext()
-        with queue, inflight, self.engine.connect() as conn:
-            if write and self.dialect == "sqlite":
-                conn = conn.execution_options(refgw_write=True)
-            session = Session(self, conn, ctx or Context())
-            committed = False
-            try:
+        inflight = self._inflight() if write and self._inflight_writes is not None \
+            else nullcontext()
+        session: Session | None = None
+        committed = False
+        try:
+            with queue, inflight, self.engine.connect() as conn:
+                if write and self.dialect == "sqlite":
+                    conn = conn.execution_options(refgw_write=True)
+                session = Session(self, conn, ctx or Context())
                 with conn.begin():
                     yield session
+                    session.flush_access()  # the grants commit with what they describe
+                    if write:  # so do the audit events (gateway.auth.audit)
+                        session.audit_in_transaction()
                 committed = True
-            finally:  # audit what the transaction did only once its fate is known
+        finally:
+            # audit what the transaction did once its fate is known, and (SQLite) after the
+            # writers' lock is released: the audit writer's group commit takes it
+            if session is not None:
                 session.report_audit(committed)
 
 
-    @contextmanager
-    def _inflight(self) -> Iterator[None]:
+    def _inflight(self) -> AbstractContextManager[int]:
         """Register a write transaction (committed at once) before it stamps anything, and
-        remove it when it has ended; see migration 0005."""
-        token = uuid.uuid4().hex
-        started = self.clock.now()
-        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-            c.execute(insert(write_inflight).values(
-                token=token, started=started, expires=started + INFLIGHT_TTL_US))
-        try:
-            yield
-        finally:
-            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-                c.execute(delete(write_inflight).where(write_inflight.c.token == token))
+        remove it when it has ended; see migration 0005 and ``gateway.store.inflight`` (own
+        autocommit connections, not two of the pool's per write)."""
+        assert self._inflight_writes is not None
+        return self._inflight_writes.registered()
 
     def visible_horizon(self, conn: Connection) -> int | None:
         """Rows stamped at or after this instant may still be joined by earlier-stamped rows
@@ -286,6 +358,12 @@ class Session:
         self._audit_records: list[AuditRecord] = (
             parent._audit_records if parent is not None else [])
         self.warnings: list[Issue] = parent.warnings if parent is not None else []
+        self._audit_written = False  # the records went into the transaction (committed)
+        #: what this transaction's writes left for the relayed grants to recompute
+        self._marks: grants.Marks = parent._marks if parent is not None else {}
+        #: what this transaction created, and for which organization
+        self._made: dict[tuple[str, str], str | None] = (
+            parent._made if parent is not None else {})
 
     def child(self, ctx: Context) -> Session:
         """Another view of this same transaction (e.g. the platform acting for a workflow)."""
@@ -310,15 +388,23 @@ class Session:
             tuple(f"{i.severity} {i.code} {i.refgw_code or '-'} {','.join(i.expression)}"
                   for i in issues or ())))
 
+    def audit_in_transaction(self) -> None:
+        """Store this write transaction's audit records in it, just before its commit (the
+        store calls it): they commit with what they record, at the price of one insert."""
+        if self._audit_records and self.ctx.audit.record_in(self.conn, self._audit_records):
+            self._audit_written = True
+
     def report_audit(self, committed: bool) -> None:
-        """Hand this transaction's audit records to the sink. When it rolled back, nothing it
-        did happened: a "success" (e.g. the first creates of a failed transaction) is
-        reported as failed."""
+        """Hand this transaction's audit records to the sink, unless they committed with it;
+        returns once they are stored. When it rolled back, nothing it did happened: a
+        "success" (e.g. the first creates of a failed transaction) is reported as failed."""
         records, self._audit_records = self._audit_records, []
+        if committed and self._audit_written:
+            return
         for rec in records:
             if not committed and rec.outcome == "success":
                 rec.outcome = "failed"
-            self.ctx.audit.record(rec)
+        self.ctx.audit.record_many(records)
 
     @contextmanager
     def _audited(self, interaction: str, res_type: str | None,
@@ -338,14 +424,28 @@ class Session:
         # the warnings this interaction produced (validation under a "warn" policy)
         self._audit(interaction, res_type, target.res_id, issues=self.warnings[seen:])
 
-    def _visible(self, res_type: str):
-        return self.ctx.policy.visible(res_type, resources)
+    def _visible(self, res_type: str, *, relay: bool = True):
+        """The caller's visibility condition on ``resources`` for ``res_type``. Grants this
+        transaction's writes relay are brought up to date first (``relay=False``: not, for a
+        check that retries on a miss, see :meth:`can_see`)."""
+        vis = self.ctx.policy.visible(res_type, resources)
+        if vis is not None and relay and self._marks and res_type != "Task":
+            self.flush_access()  # Tasks' grants are all direct: never waiting for a relay
+        return vis
+
+    def flush_access(self) -> None:
+        """Recompute the relayed grants this transaction's writes have marked
+        (``gateway.access.grants``); the store calls it before every commit."""
+        if self._marks:
+            marks = dict(self._marks)
+            self._marks.clear()
+            grants.relay(self.conn, self.store.dialect, marks)
 
     def _row(self, res_type: str, res_id: str, *, lock: bool = False,
-             policy: bool = True) -> Stored | None:
+             policy: bool = True, relay: bool = True) -> Stored | None:
         stmt = select(resources).where(resources.c.res_type == res_type,
                                        resources.c.fhir_id == res_id)
-        vis = self._visible(res_type) if policy else None
+        vis = self._visible(res_type, relay=relay) if policy else None
         if vis is not None:
             stmt = stmt.where(vis)
         if lock and self.store.dialect == "postgresql":
@@ -368,8 +468,21 @@ class Session:
         row = self._row(res_type, res_id, policy=False)
         return row if row is not None and not row.deleted else None
 
+    def made_here(self, res_type: str, res_id: str) -> bool:
+        """Whether the caller's organization created ``res_type/res_id`` in this very
+        transaction (a Bundle's Patient, which its Task then points at)."""
+        org = self.ctx.caller.organization
+        return org is not None and self._made.get((res_type, res_id), None) == org
+
     def can_see(self, res_type: str, res_id: str) -> bool:
-        """Whether the caller may see ``res_type/res_id`` (for policies)."""
+        """Whether the caller may see ``res_type/res_id`` (for policies). The grants this
+        transaction's writes relay are brought up to date only on a miss: a hit is the
+        caller's already."""
+        if self._row(res_type, res_id, relay=False) is not None:
+            return True
+        if not self._marks:
+            return False
+        self.flush_access()
         return self._row(res_type, res_id) is not None
 
     def _stamp(self, resource: dict[str, Any], res_id: str, version: int) -> dict[str, Any]:
@@ -421,9 +534,12 @@ class Session:
             return Stored.of(r)
 
     def create(self, resource: dict[str, Any], *, res_id: str | None = None,
-               if_none_exist: str | None = None) -> tuple[Stored, bool]:
+               if_none_exist: str | None = None,
+               resend_checked: bool = False) -> tuple[Stored, bool]:
         """Store a new resource. With ``if_none_exist``, return the match instead
-        (created=False)."""
+        (created=False); likewise what the hooks say it re-sends, unless ``resend_checked``
+        (a transaction's entry that :meth:`find_existing` looked at already, under the same
+        locks)."""
         res_type = resource["resourceType"]
         with self._audited("create", res_type, res_id) as target:
             if if_none_exist:
@@ -438,7 +554,7 @@ class Session:
                     target.res_id = found[0].id
                     return found[0], False
             resource = self._prepared("create", resource, None)
-            found = self._existing(res_type, resource)
+            found = None if resend_checked else self._existing(res_type, resource)
             if found is not None:
                 target.res_id = found.id
                 return found, False
@@ -486,36 +602,82 @@ class Session:
         res_id = res_id or str(uuid.uuid4())
         body = self._stamp(resource, res_id, 1)
         author = self.ctx.caller.organization
+        index = extract(body, self.ctx.base_url)
         rid = insert_new(self.conn, self.store.dialect, [NewResource(
-            res_type, res_id, self.now, body, author, extract(body, self.ctx.base_url))])[0]
+            res_type, res_id, self.now, body, author, index,
+            grants.direct_grants(res_type, index, author))])[0]
         if rid is None:
             raise PreconditionFailed(f"{res_type}/{res_id} already exists", f"{res_type}.id")
+        grants.relay_marks(self._marks, res_type, res_id, None, body, self.ctx.base_url)
+        self._made[(res_type, res_id)] = author
         stored = Stored(rid, res_type, res_id, 1, self.now, False, body, author)
         for hook in self.store.hooks:
             hook.after_write(self, "create", res_type, None, stored)
         return stored
 
-    def append_trusted(self, resources: list[dict[str, Any]]) -> list[Stored]:
-        """Store refgw's own new records (the audit trail) in bulk: version 1 under fresh ids,
-        with history and index rows (so search, read, vread and _history see them as any
-        resource), but without access policy, write hooks, validation or audit of their own.
-        Never for a client's data."""
-        out: list[Stored] = []
-        by_type: dict[str, list[NewResource]] = {}
-        for resource in resources:
-            res_type = resource["resourceType"]
-            res_id = str(uuid.uuid4())
-            body = self._stamp(resource, res_id, 1)
-            by_type.setdefault(res_type, []).append(NewResource(
-                res_type, res_id, self.now, body, None, extract(body, self.ctx.base_url)))
-        for res_type, items in by_type.items():
-            rids = insert_new(self.conn, self.store.dialect, items)
-            for item, rid in zip(items, rids, strict=True):
-                if rid is None:  # a fresh uuid4 already taken: never in practice
-                    raise PreconditionFailed(f"{res_type}/{item.fhir_id} already exists",
-                                             f"{res_type}.id")
-                out.append(Stored(rid, res_type, item.fhir_id, 1, self.now, False, item.body))
-        return out
+    # -- the audit trail (its own table, not resources: gateway.store.audit) ---------------
+    def _audit_trail_visible(self) -> bool:
+        """Whether the caller sees the audit trail: the access policy's visibility of
+        AuditEvent, which is everything (None) for the platform and nothing for anyone else.
+        A narrower condition (a scope with a query, ``system/AuditEvent.rs?outcome=4``) is SQL
+        on ``resources`` that cannot filter ``audit_events``: it shows nothing (deny by
+        default)."""
+        return self.ctx.policy.visible("AuditEvent", resources) is None
+
+    def _audit_event(self, event_id: str) -> audit_store.AuditRow:
+        row = audit_store.get(self.conn, event_id)
+        if row is None:
+            raise NotFound(f"AuditEvent/{event_id} is not known", "AuditEvent.id")
+        if not self._audit_trail_visible():
+            raise Hidden(f"AuditEvent/{event_id} is not known", "AuditEvent.id")
+        return row
+
+    def read_audit(self, event_id: str, version: int | None = None) -> Stored:
+        """An AuditEvent (``version``: a vread; an event never changes, its one version is
+        1). Reading the audit trail is audited too."""
+        with self._audited("read" if version is None else "vread", "AuditEvent", event_id):
+            row = self._audit_event(event_id)
+            if version is not None and version != 1:
+                raise NotFound(f"AuditEvent/{event_id} has no version {version}: an "
+                               "AuditEvent never changes, its only version is 1",
+                               "AuditEvent.meta.versionId")
+            return _audit_stored(row)
+
+    def search_audit(self, q: AuditQuery) -> SearchPage:
+        """``AuditEvent?…`` (``gateway.store.audit_search``), for the platform only."""
+        with self._audited("search-type", "AuditEvent"):
+            if not self._audit_trail_visible():
+                return SearchPage([], [], 0, None, None)
+            if q.summary == "count":
+                return SearchPage([], [], audit_search.count(self.conn, q), None, None)
+            # a later page or a date poll: not past the oldest write still in flight, whose
+            # events may commit after this read (PostgreSQL; see visible_horizon)
+            horizon = self.store.visible_horizon(self.conn) \
+                if q.cursor is not None or q.dated else None
+            rows, cursor = audit_search.page(self.conn, q, horizon)
+            total = None
+            if q.total_mode in ("accurate", "estimate") or q.count == 0:
+                total = audit_search.count(self.conn, q)
+            elif cursor is None and q.cursor is None:
+                total = len(rows)
+            return SearchPage([_audit_stored(r) for r in rows], [], total, cursor, None)
+
+    def audit_history(self, event_id: str | None, *, count: int, since: int | None = None,
+                      offset: int = 0) -> tuple[list[Stored], bool]:
+        """``AuditEvent/{id}/_history`` (its one version) and ``AuditEvent/_history`` (every
+        event, newest first), as :meth:`history` answers for resources."""
+        interaction = "history-instance" if event_id else "history-type"
+        with self._audited(interaction, "AuditEvent", event_id):
+            if event_id is not None:
+                row = self._audit_event(event_id)
+                rows = [row] if since is None or row.recorded >= since else []
+                return ([_audit_stored(r) for r in rows[offset:offset + count]],
+                        len(rows) > offset + count)
+            if not self._audit_trail_visible():
+                return [], False
+            rows, more = audit_store.newest_first(self.conn, count=count, offset=offset,
+                                                  since=since)
+            return [_audit_stored(r) for r in rows], more
 
     def update(self, resource: dict[str, Any], res_id: str, *, if_match: int | None = None,
                method: str = "PUT") -> tuple[Stored, bool]:
@@ -564,8 +726,13 @@ class Session:
                 return current, False
             version = current.version + 1
             body = self._stamp(resource, res_id, version)
+            index = extract(body, self.ctx.base_url)
             write_version(self.conn, self.store.dialect, current.rid, res_type, version,
-                          self.now, body, method, extract(body, self.ctx.base_url))
+                          self.now, body, method, index,
+                          grants.direct_grants(res_type, index, current.author_org))
+            grants.relay_marks(self._marks, res_type, res_id,
+                               None if current.deleted else current.body, body,
+                               self.ctx.base_url)
             stored = Stored(current.rid, res_type, res_id, version, self.now, False, body,
                             current.author_org)
             for hook in self.store.hooks:
@@ -584,6 +751,8 @@ class Session:
             version = current.version + 1
             write_version(self.conn, self.store.dialect, current.rid, res_type, version,
                           self.now, None, "DELETE", None)
+            grants.relay_marks(self._marks, res_type, res_id, current.body, None,
+                               self.ctx.base_url)
             return Stored(current.rid, res_type, res_id, version, self.now, True, None,
                           current.author_org)
 

@@ -3,6 +3,7 @@
 - ``resources``: the current version of every resource (``rid`` is the internal key).
 - ``resource_history``: every version, deletes included (tombstones with ``body`` NULL).
 - ``sp_*``: search indexes of the current versions, one table per parameter type.
+- ``audit_events``: the audit trail, one row per AuditEvent (``gateway.store.audit``).
 
 Times are integer microseconds since the epoch (UTC) on both databases, so comparisons and
 keyset paging are plain integer comparisons. Bodies are JSONB on PostgreSQL, JSON text on SQLite.
@@ -21,11 +22,12 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     UniqueConstraint,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import JSONB, UUID
 
 metadata = MetaData()
 
@@ -128,6 +130,18 @@ sp_uri = Table(
     Index("ix_sp_uri_rid", "rid", "param", "value", postgresql_include=["res_type"]),
 )
 
+# -- access (migration 0009; gateway.access.grants) ---------------------------------------
+#: who may see which resource, kept at write time: one probe per candidate row of a search
+access_grant = Table(
+    "access_grant",
+    metadata,
+    Column("rid", RID, primary_key=True),
+    Column("org", String(160), primary_key=True),  # Organization/x, PractitionerRole/y, *pool
+    Column("via", String(1), primary_key=True),  # d: the resource names it; r: relayed
+    Column("res_type", String(64), nullable=False),
+    Index("ix_access_grant_org", "org", "res_type", "rid"),
+)
+
 INDEX_TABLES = {
     "token": sp_token,
     "reference": sp_reference,
@@ -186,4 +200,34 @@ write_inflight = Table(
     Column("started", BigInteger, nullable=False),
     Column("expires", BigInteger, nullable=False),
     Index("ix_write_inflight_started", "started"),  # the oldest one, for polls (0007)
+)
+
+# -- the audit trail (migration 0010; gateway.store.audit) ------------------------------------
+#: One row per AuditEvent, append-only (no versions, no history or index rows): the columns its
+#: search parameters test, and the event itself. On PostgreSQL the table is partitioned by range
+#: of ``recorded`` (a partition a month, a DEFAULT partition as the safety net), so old events
+#: go by dropping partitions; on SQLite it is a plain table.
+AUDIT_ID = String(36).with_variant(UUID(as_uuid=False), "postgresql")
+
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("id", AUDIT_ID, nullable=False),  # a UUIDv7: its first 48 bits are the ms recorded
+    Column("recorded", BigInteger, nullable=False),  # microseconds UTC, as every refgw time
+    Column("type_system", String, nullable=True),  # type (token)
+    Column("type_code", String, nullable=True),
+    Column("subtype_system", String, nullable=True),  # subtype (token; the FHIR interaction)
+    Column("subtype_code", String, nullable=True),
+    Column("action", String(1), nullable=True),  # C R U D E
+    Column("outcome", String(2), nullable=True),  # 0 4 8 12
+    Column("agent", String, nullable=True),  # agent.who reference (the caller's Organization)
+    Column("client", String, nullable=True),  # agent.who.identifier value (urn:refgw:client)
+    Column("entity_type", String, nullable=True),  # entity.what: "Task" of Task/123, or the
+    Column("entity_id", String, nullable=True),  # type a search or history was about (no id)
+    Column("source", String, nullable=True),  # source.observer reference
+    Column("body", JSON, nullable=False),  # the AuditEvent (JSON, not JSONB: never queried)
+    PrimaryKeyConstraint("recorded", "id", name="pk_audit_events"),
+    Index("ix_audit_events_id", "id"),
+    Index("ix_audit_events_entity", "entity_id", "entity_type"),
+    Index("ix_audit_events_agent", "agent", "recorded"),
 )

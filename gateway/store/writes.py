@@ -6,7 +6,7 @@ compiling SQLAlchemy statements per call (that was ~40% of the server's time):
 
 - PostgreSQL: one statement per write, through ``Connection.exec_driver_sql``. A data-modifying
   CTE inserts (or updates) the ``resources`` row, copies it into ``resource_history`` and
-  replaces its ``sp_*`` index rows; the rows travel as one jsonb parameter, so the statement
+  replaces its ``sp_*`` index rows and its direct ``access_grant`` rows (``gateway.access``); the rows travel as one jsonb parameter, so the statement
   text is constant (parsed and prepared once per connection). A batch of new resources (the
   audit trail) is one such statement per few hundred resources.
 - SQLite (in-process, so a statement costs a function call, not a round trip): the resource
@@ -55,6 +55,8 @@ class NewResource:
     body: dict[str, Any]
     author_org: str | None
     index: IndexRows
+    #: who it grants itself to (``gateway.access.grants.direct_grants``)
+    grants: Sequence[str] = ()
 
 
 def insert_new(conn: Connection, dialect: Dialect, items: Sequence[NewResource],
@@ -81,17 +83,17 @@ def insert_new(conn: Connection, dialect: Dialect, items: Sequence[NewResource],
 
 def write_version(conn: Connection, dialect: Dialect, rid: int, res_type: str, version: int,
                   last_updated: int, body: dict[str, Any] | None, method: str,
-                  index: IndexRows | None) -> None:
+                  index: IndexRows | None, grants: Sequence[str] = ()) -> None:
     """Make ``body`` version ``version`` of the resource ``rid`` (``body`` None: a deletion
     tombstone, ``index`` then None): update its row, add the history row, replace its index
-    rows."""
+    rows and its direct grants."""
     deleted = body is None
     js = _json_dumps(body)
     if dialect == "postgresql":
-        _pg_write_version(conn, rid, version, last_updated, deleted, js, method, index)
+        _pg_write_version(conn, rid, version, last_updated, deleted, js, method, index, grants)
         return
     _sqlite_write_version(conn, rid, res_type, version, last_updated, deleted, js, method,
-                          index)
+                          index, grants)
 
 
 # -- PostgreSQL ---------------------------------------------------------------------------------
@@ -133,6 +135,9 @@ _PG_INSERT_NEW = ",\n".join([
     " (rid, version, res_type, fhir_id, last_updated, deleted, method, body)"
     " SELECT rid, 1, res_type, fhir_id, last_updated, false, %s, body FROM r)",
     *_pg_index_ctes("r", keyed=True),
+    "g AS (INSERT INTO access_grant (rid, res_type, org, via)"
+    " SELECT r.rid, r.res_type, e->>1, 'd'"
+    " FROM jsonb_array_elements((SELECT doc FROM d)->'grant') AS e JOIN r ON r.fhir_id = e->>0)",
 ]) + "\nSELECT rid, fhir_id FROM r"
 
 _PG_WRITE_VERSION = ",\n".join([
@@ -148,13 +153,23 @@ _PG_WRITE_VERSION = ",\n".join([
     *[f"x_{kind} AS (DELETE FROM {table} WHERE rid = (SELECT rid FROM u))"
       for kind, table, _ in _INDEX],
     *_pg_index_ctes("u", keyed=False),
+    # direct grants: drop those no longer due, add the new ones (the rows that stay are left
+    # alone: a DELETE and an INSERT of one key in one statement would collide)
+    "x_grant AS (DELETE FROM access_grant a WHERE a.rid = (SELECT rid FROM u) AND a.via = 'd'"
+    " AND a.org NOT IN (SELECT jsonb_array_elements_text((SELECT doc FROM d)->'grant')))",
+    "i_grant AS (INSERT INTO access_grant (rid, res_type, org, via)"
+    " SELECT u.rid, u.res_type, e, 'd'"
+    " FROM u, jsonb_array_elements_text((SELECT doc FROM d)->'grant') AS e"
+    " ON CONFLICT DO NOTHING)",
 ]) + "\nSELECT 1"
 
 
 def _pg_write_version(conn: Connection, rid: int, version: int, last_updated: int,
                       deleted: bool, body_json: str, method: str,
-                      index: IndexRows | None) -> None:
-    doc = {kind: getattr(index, kind) for kind, _, _ in _INDEX} if index is not None else {}
+                      index: IndexRows | None, grants: Sequence[str]) -> None:
+    doc: dict[str, Any] = ({kind: getattr(index, kind) for kind, _, _ in _INDEX}
+                           if index is not None else {})
+    doc["grant"] = list(grants)
     conn.exec_driver_sql(_PG_WRITE_VERSION, (
         _json_dumps(doc), version, last_updated, deleted, body_json, rid, method))
 
@@ -170,6 +185,7 @@ def _pg_insert_new(conn: Connection, items: Sequence[NewResource],
               for it in items]}
     for kind, _, _ in _INDEX:
         doc[kind] = [[it.fhir_id, *v] for it in items for v in getattr(it.index, kind)]
+    doc["grant"] = [[it.fhir_id, g] for it in items for g in it.grants]
     rows = conn.exec_driver_sql(_PG_INSERT_NEW, (_json_dumps(doc), method)).all()
     rids = {fhir_id: rid for rid, fhir_id in rows}
     return [rids.get(it.fhir_id) for it in items]
@@ -183,7 +199,9 @@ def _pg_insert_new(conn: Connection, items: Sequence[NewResource],
 
 _SQLITE_INDEX = [(kind, f"INSERT INTO {table} (rid, res_type, {', '.join(cols)}) "
                   f"VALUES ({', '.join(['?'] * (len(cols) + 2))})") for kind, table, cols in _INDEX]
-_SQLITE_CLEAR = [f"DELETE FROM {table} WHERE rid = ?" for _, table, _ in _INDEX]
+_SQLITE_CLEAR = [f"DELETE FROM {table} WHERE rid = ?" for _, table, _ in _INDEX] + [
+    "DELETE FROM access_grant WHERE rid = ? AND via = 'd'"]
+_SQLITE_GRANT = "INSERT INTO access_grant (rid, res_type, org, via) VALUES (?, ?, ?, 'd')"
 
 
 class _SqliteCursor:
@@ -206,10 +224,15 @@ class _SqliteCursor:
             if batch:
                 self.run(sql, batch, many=True)
 
+    def grants(self, rows: list[tuple[int, str, Sequence[str]]]) -> None:
+        batch = [(rid, res_type, g) for rid, res_type, grants in rows for g in grants]
+        if batch:
+            self.run(_SQLITE_GRANT, batch, many=True)
+
 
 def _sqlite_write_version(conn: Connection, rid: int, res_type: str, version: int,
                           last_updated: int, deleted: bool, body_json: str, method: str,
-                          index: IndexRows | None) -> None:
+                          index: IndexRows | None, grants: Sequence[str]) -> None:
     c = _SqliteCursor(conn)
     c.run("UPDATE resources SET version = ?, last_updated = ?, deleted = ?, body = ? "
           "WHERE rid = ?", (version, last_updated, deleted, body_json, rid))
@@ -221,6 +244,7 @@ def _sqlite_write_version(conn: Connection, rid: int, res_type: str, version: in
         c.run(sql, (rid,))
     if index is not None:
         c.index_rows([(rid, res_type, index)])
+    c.grants([(rid, res_type, grants)])
     c.cur.close()
 
 
@@ -246,5 +270,7 @@ def _sqlite_insert_new(conn: Connection, items: Sequence[NewResource],
               "WHERE rid IN (" + ", ".join(["?"] * len(rids)) + ")", (method, *rids.values()))
         c.index_rows([(rid, it.res_type, it.index)
                       for it, rid in zip(items, out, strict=True) if rid is not None])
+        c.grants([(rid, it.res_type, it.grants)
+                  for it, rid in zip(items, out, strict=True) if rid is not None])
     c.cur.close()
     return out
