@@ -1,9 +1,9 @@
 """Audit (issue 3): an AuditEvent for every FHIR interaction, allowed or denied, and every token
 request; BALP-shaped; no PHI beyond references; readable by the platform only.
 
-Events are written by a background thread (``gateway.auth.audit.AuditWriter``);
-``app.state.audit.flush()`` waits until every recorded event is stored. Each test runs on SQLite
-and on PostgreSQL.
+Events are stored before the request is answered (``gateway.auth.audit.AuditWriter``: in the
+writing transaction, or a group commit the request waits for; ``app.state.audit.flush()`` is
+kept for the tests' sake). Each test runs on SQLite and on PostgreSQL.
 """
 
 from __future__ import annotations
