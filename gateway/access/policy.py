@@ -4,6 +4,7 @@ compartments (the rules: ``gateway.access``; the grants they are kept as: ``gran
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, String, Table, and_, exists, false, literal, or_, select, true
@@ -85,6 +86,30 @@ _ROLE = resources_table.alias("vis_role")
 _ROLE_REF = sp_reference.alias("vis_role_ref")
 
 
+def _granted_condition(org: str | None, org_id: str | None, pool: bool,
+                       resources: Table) -> ColumnElement[bool]:
+    """``org`` holds a grant of the ``resources`` row: its own, one of its PractitionerRoles'
+    (a role's organization is looked up here, at read time, so that moving a role moves
+    what it sees), or, with ``pool``, the claim pool's."""
+    r, role, g = _ROLE_REF, _ROLE, _GRANT
+    roles = select(literal("PractitionerRole/", String) + role.c.fhir_id).where(
+        role.c.res_type == "PractitionerRole", role.c.deleted.is_(False),
+        role.c.rid.in_(select(r.c.rid).where(
+            r.c.res_type == "PractitionerRole", r.c.param == "organization",
+            r.c.target_type == "Organization", r.c.target_id == org_id,
+            r.c.target_url.is_(None))))
+    mine = [org, POOL] if pool else [org]
+    return exists(select(g.c.rid).where(
+        g.c.rid == resources.c.rid, or_(g.c.org.in_(mine), g.c.org.in_(roles))))
+
+
+@lru_cache(maxsize=4096)
+def _granted(org: str | None, org_id: str | None, pool: bool) -> ColumnElement[bool]:
+    """:func:`_granted_condition` on the ``resources`` table, built once per caller kind
+    (SQLAlchemy's constructs are immutable: one serves every statement that embeds it)."""
+    return _granted_condition(org, org_id, pool, resources_table)
+
+
 class OrgPolicy:
     """Access for one caller: its organization, its granted scopes, platform or not."""
 
@@ -132,22 +157,11 @@ class OrgPolicy:
     # the grants at write time): the caller holds its Organization, the PractitionerRoles of
     # its Organization (a role's organization is looked up here, at read time, so that moving
     # a role moves what it sees) and, when it may update Tasks, the claim pool.
-    def _roles(self):
-        r, role = _ROLE_REF, _ROLE
-        return select(literal("PractitionerRole/", String) + role.c.fhir_id).where(
-            role.c.res_type == "PractitionerRole", role.c.deleted.is_(False),
-            role.c.rid.in_(select(r.c.rid).where(
-                r.c.res_type == "PractitionerRole", r.c.param == "organization",
-                r.c.target_type == "Organization", r.c.target_id == self.org_id,
-                r.c.target_url.is_(None))))
-
     def _granted(self, res_type: str, resources: Table) -> ColumnElement[bool]:
-        g = _GRANT
-        mine = [self.organization]
-        if res_type in POOL_TYPES and granting(self.scopes, "Task", "u"):
-            mine.append(POOL)
-        return exists(select(g.c.rid).where(
-            g.c.rid == resources.c.rid, or_(g.c.org.in_(mine), g.c.org.in_(self._roles()))))
+        pool = res_type in POOL_TYPES and bool(granting(self.scopes, "Task", "u"))
+        if resources is resources_table:
+            return _granted(self.organization, self.org_id, pool)
+        return _granted_condition(self.organization, self.org_id, pool, resources)
 
     @property
     def unrestricted(self) -> bool:

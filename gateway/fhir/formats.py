@@ -130,6 +130,12 @@ def _check_depth(data: Any) -> None:
         stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
 
 
+def clone(data: Any) -> Any:
+    """A deep copy of parsed JSON (dicts, lists, str, numbers, bool, None) through orjson:
+    ~10x cheaper than ``copy.deepcopy`` for a FHIR resource."""
+    return orjson.loads(orjson.dumps(data))
+
+
 def parse_json(body: bytes) -> Any:
     try:
         data = orjson.loads(body)

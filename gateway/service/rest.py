@@ -7,7 +7,6 @@ their entries through the same dispatcher, inside one database transaction for `
 
 from __future__ import annotations
 
-import copy
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from gateway.errors import (
 )
 from gateway.fhir.datetimes import format_instant, http_date, parse_range, to_us
 from gateway.fhir.extract import references_in
+from gateway.fhir.formats import clone
 from gateway.fhir.references import ID_RE, TYPE_RE, is_known_type, localize_own_references
 from gateway.fhir.searchparams import SEARCH_PARAMS
 from gateway.fhir.validate import clean_references, drop_nulls, validate_structure
@@ -155,7 +155,7 @@ class FhirService:
         if not isinstance(body, dict) or body.get("resourceType") != rtype:
             raise BadRequest(f"$validate needs a {rtype} in the body (or in a Parameters "
                              "'resource')", "resourceType")
-        resource = copy.deepcopy(body)
+        resource = clone(body)
         try:
             issues = drop_nulls(resource, rtype, lenient=False)
         except Unprocessable as err:  # name them all, then check the rest without them
@@ -324,7 +324,7 @@ class FhirService:
             raise BadRequest(
                 f"The body is a {body.get('resourceType')!r}, but the URL says {rtype}",
                 "resourceType")
-        resource = copy.deepcopy(body)
+        resource = clone(body)
         if rid is not None:
             if "id" not in resource:
                 raise BadRequest(f"The {rtype} in the body has no id; it must be {rid!r}",
@@ -804,7 +804,7 @@ def _entry_request(entry: Any, i: int, headers: dict[str, str], base_url: str | 
             raise BadRequest(f"{where}.resource is missing for {method} {url}",
                              f"{where}.resource")
         if isinstance(body, dict):
-            body = copy.deepcopy(body)
+            body = clone(body)
         full_url = entry.get("fullUrl") if isinstance(entry.get("fullUrl"), str) else None
         return _Entry(i, FhirRequest(method, "/".join(parts), params, h, body), parts, full_url)
     except GatewayError as err:

@@ -770,7 +770,7 @@ class Session:
         """A transaction-scoped lock on ``key`` (PostgreSQL advisory lock; SQLite writers are
         already serialized by ``BEGIN IMMEDIATE``)."""
         if self.store.dialect == "postgresql":
-            self.conn.execute(select(func.pg_advisory_xact_lock(_lock_key(key))))
+            self.conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (_lock_key(key),))
 
     # -- search ----------------------------------------------------------------------------
     def parse_search(self, res_type: str, params: list[tuple[str, str]], *,
